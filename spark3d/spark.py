@@ -1,0 +1,211 @@
+"""SparK: sparse and hierarchical masked modeling for convnets (Tian et al., ICLR 2023), 2D and 3D.
+
+volume/image → mask → sparse encoder → densify → light decoder → norm-pix loss on masked patches.
+The whole method reads in :class:`SparK`; the encoder conversion lives in :mod:`spark3d.sparse`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .decoder import LightDecoder
+from .encoders import HierarchicalEncoder
+from .layers import conv_nd, make_norm, norm_kind_of
+from .masking import mask_grid, random_mask, upsample_mask
+from .sparse import MaskContext, sparsify
+
+__all__ = ["SparK", "SparKOutput", "patchify", "unpatchify"]
+
+
+@dataclass
+class SparKOutput:
+    """``loss``: mean MSE over masked patches; ``pred``: raw decoder output ``(B, C, *S)``; ``mask``: ``(B, 1, *grid)``."""
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+
+
+def patchify(x_bcs: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """``(B, C, *S)`` → ``(B, L, prod(patch) * C)`` with patches in raster order of the grid."""
+    b, c, *size = x_bcs.shape
+    grid = [s // p for s, p in zip(size, patch)]
+    nd = len(size)
+    shape = [b, c]
+    for g, p in zip(grid, patch):
+        shape += [g, p]
+    x = x_bcs.reshape(shape)
+    perm = [0] + [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)] + [1]
+    return x.permute(perm).reshape(b, math.prod(grid), math.prod(patch) * c)
+
+
+def unpatchify(x_blp: torch.Tensor, patch: Sequence[int], grid: Sequence[int], channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = x_blp.shape[0]
+    nd = len(grid)
+    x = x_blp.reshape(b, *grid, *patch, channels)
+    perm = [0, 2 * nd + 1]
+    for i in range(nd):
+        perm += [1 + i, 1 + nd + i]
+    x = x.permute(perm)
+    return x.reshape(b, channels, *[g * p for g, p in zip(grid, patch)])
+
+
+class SparK(nn.Module):
+    """SparK pretraining model around a :class:`HierarchicalEncoder` (converted to sparse in place).
+
+    Args:
+        encoder: the encoder; its network is made sparse and owned by this model from now on.
+        input_size: spatial input size, divisible by the encoder's total stride per axis.
+        mask_ratio: fraction of masked cells (SparK 2D: 0.6; 3D work: 0.75).
+        decoder_width: decoder channels at the coarsest scale (default 768 in 2D, 256 in 3D); halves per scale.
+        densify_norm: norm applied to each level before filling mask tokens: ``"auto"`` (the encoder's
+            own kind), ``"batch"``, ``"instance"``, ``"group"``, ``"layer"`` or ``"none"``.
+        decoder_norm: norm inside the decoder blocks.
+        fusion: ``"add"`` (SparK) or ``"concat"`` for skip fusion in the decoder.
+        norm_pix_loss: normalise each target patch by its own mean and variance.
+        trusted: extra block classes the converter may trust (they only compose covered layers).
+    """
+
+    def __init__(
+        self,
+        encoder: HierarchicalEncoder,
+        input_size: Sequence[int],
+        mask_ratio: float = 0.6,
+        decoder_width: int | None = None,
+        densify_norm: str = "auto",
+        decoder_norm: str = "batch",
+        fusion: str = "add",
+        norm_pix_loss: bool = True,
+        trusted: Sequence[type] = (),
+    ) -> None:
+        super().__init__()
+        sd = encoder.spatial_dims
+        input_size = tuple(int(s) for s in input_size)
+        if len(input_size) != sd:
+            raise ValueError(f"input_size {input_size} has {len(input_size)} axes but the encoder is {sd}D")
+        self.encoder = encoder
+        self.input_size = input_size
+        self.mask_ratio = float(mask_ratio)
+        self.norm_pix_loss = bool(norm_pix_loss)
+        self.patch_size = tuple(encoder.strides[-1])
+        self.mask_grid = mask_grid(input_size, self.patch_size)
+        for stride in encoder.strides:
+            if any(c % s for c, s in zip(self.patch_size, stride)):
+                raise ValueError(f"encoder level stride {stride} does not divide the total stride {self.patch_size}")
+        self.ctx = MaskContext()
+        sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=trusted)
+
+        width = decoder_width if decoder_width is not None else (768 if sd <= 2 else 256)
+        self.decoder = LightDecoder(encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm, fusion=fusion)
+        kind = norm_kind_of(encoder.network, encoder.participating) if densify_norm == "auto" else densify_norm
+        self.densify_norm_kind = kind
+        conv = conv_nd(sd)
+        widths = self.decoder.level_widths()
+        n = len(encoder.channels)
+        self.densify_norms = nn.ModuleList(
+            [nn.Identity() if kind == "none" else make_norm(kind, c, sd) for c in encoder.channels]
+        )
+        sparsify(self.densify_norms, self.ctx)
+        self.mask_tokens = nn.ParameterList(
+            [nn.Parameter(torch.zeros(1, c, *([1] * sd))) for c in encoder.channels]
+        )
+        for token in self.mask_tokens:
+            nn.init.trunc_normal_(token, std=0.02, a=-0.02 * 2, b=0.02 * 2)
+        self.densify_projs = nn.ModuleList(
+            [
+                conv(c, w, kernel_size=1 if k == n - 1 else 3, padding=0 if k == n - 1 else 1)
+                for k, (c, w) in enumerate(zip(encoder.channels, widths))
+            ]
+        )
+
+    # ---------------------------------------------------------------------------------- masks
+    def random_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh mask ``(B, 1, *mask_grid)``, True = visible, same visible count in every sample."""
+        device = self.mask_tokens[0].device
+        mask = random_mask(batch_size, self.mask_grid, self.mask_ratio, generator=generator, device=device)
+        return mask.to(device)
+
+    def full_mask(self, batch_size: int) -> torch.Tensor:
+        """A mask with every cell visible."""
+        return torch.ones(batch_size, 1, *self.mask_grid, dtype=torch.bool, device=self.mask_tokens[0].device)
+
+    def _check_input(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        expected = (self.encoder.in_channels, *self.input_size)
+        if x.ndim != 2 + len(self.input_size) or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"SparK expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if mask is not None and tuple(mask.shape) != (x.shape[0], 1, *self.mask_grid):
+            raise ValueError(f"mask must have shape ({x.shape[0]}, 1, {', '.join(map(str, self.mask_grid))}), got {tuple(mask.shape)}")
+
+    # ---------------------------------------------------------------------------------- model
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Sparse encoder features (finest first) of ``x`` under ``mask`` (None: every cell visible)."""
+        self._check_input(x, mask)
+        mask = self.full_mask(x.shape[0]) if mask is None else mask
+        with self.ctx.use(mask):
+            return self.encoder(x * upsample_mask(mask, x.shape[2:]).to(x.dtype))
+
+    def densify(self, feats: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+        """Visible-only norm, mask tokens at masked sites, projection to the decoder width, per level."""
+        out = []
+        with self.ctx.use(mask):
+            for feat, norm, token, proj in zip(feats, self.densify_norms, self.mask_tokens, self.densify_projs):
+                visible = self.ctx.mask_at(feat.shape[2:])
+                feat = torch.where(visible, norm(feat), token.to(feat.dtype))
+                out.append(proj(feat))
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> SparKOutput:
+        """Mask, encode, densify, decode and compute the masked-patch loss."""
+        self._check_input(x, mask)
+        mask = self.random_mask(x.shape[0]) if mask is None else mask.to(x.device)
+        feats = self.encode(x, mask)
+        pred = self.decoder(self.densify(feats, mask))
+        return SparKOutput(loss=self.loss(x, pred, mask), pred=pred, mask=mask)
+
+    # ---------------------------------------------------------------------------------- loss
+    def target_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Target ``(B, L, P)``: patches, normalised by their own mean and variance when norm-pix is on."""
+        target = patchify(x, self.patch_size)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        return target
+
+    def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE per patch, averaged over masked patches only."""
+        per_patch_bl = (patchify(pred, self.patch_size) - self.target_patches(x)).pow(2).mean(dim=-1)
+        masked_bl = (~mask.flatten(1)).to(per_patch_bl.dtype)
+        return (per_patch_bl * masked_bl).sum() / masked_bl.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, out: SparKOutput) -> torch.Tensor:
+        """The prediction in input units (norm-pix undone with each patch's statistics), visible cells pasted back."""
+        pred_blp = patchify(out.pred.float(), self.patch_size)
+        if self.norm_pix_loss:
+            target = patchify(x.float(), self.patch_size)
+            mean = target.mean(dim=-1, keepdim=True)
+            std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+            pred_blp = pred_blp * std + mean
+        pred = unpatchify(pred_blp, self.patch_size, self.mask_grid, x.shape[1])
+        visible = upsample_mask(out.mask, x.shape[2:])
+        return torch.where(visible, x.float(), pred)
+
+    # ---------------------------------------------------------------------------------- export
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights in the dense network's own key names (loads with ``load_state_dict``)."""
+        return {k: v.detach().clone() for k, v in self.encoder.dense_state_dict().items()}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to exempt from weight decay: norms, biases and mask tokens (SparK recipe)."""
+        names = set()
+        for name, p in self.named_parameters():
+            if p.ndim <= 1 or name.startswith("mask_tokens."):
+                names.add(name)
+        return names
