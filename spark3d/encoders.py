@@ -22,6 +22,17 @@ class _StopEncoding(Exception):
     """Raised by the last tap's hook to stop the wrapped network's forward."""
 
 
+class _TapHook:
+    """Forward hook of one tap; an object (not a closure) so deep copies of an encoder hook their own copy."""
+
+    def __init__(self, encoder: "HierarchicalEncoder", name: str) -> None:
+        self.encoder = encoder
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.encoder._on_tap(self.name, output)
+
+
 class HierarchicalEncoder(nn.Module):
     """A network seen as a multi-scale encoder through named taps; ``enc(x)`` returns features, finest first.
 
@@ -63,24 +74,21 @@ class HierarchicalEncoder(nn.Module):
         self._called: list[str] | None = None  # module names in call order, during the probe pass only
         self._tap_marks: dict[str, int] = {}
         for name in taps:
-            modules[name].register_forward_hook(self._make_hook(name))
+            modules[name].register_forward_hook(_TapHook(self, name))
         probe = probe_size if probe_size is not None else 64
         probe = (probe,) * self.spatial_dims if isinstance(probe, int) else tuple(probe)
         self.taps, self.channels, self.strides, self.participating = self._probe(list(taps), probe)
 
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if self._capture is None:
-                return
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"tap '{name}' returned {type(output).__name__}, expected a tensor")
-            self._capture[name] = output
-            if self._called is not None:
-                self._tap_marks[name] = len(self._called)
-            if name == self._stop_tap:
-                raise _StopEncoding
-
-        return hook
+    def _on_tap(self, name: str, output: Any) -> None:
+        if self._capture is None:
+            return
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"tap '{name}' returned {type(output).__name__}, expected a tensor")
+        self._capture[name] = output
+        if self._called is not None:
+            self._tap_marks[name] = len(self._called)
+        if name == self._stop_tap:
+            raise _StopEncoding
 
     def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._capture = captured = {}
