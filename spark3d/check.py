@@ -23,18 +23,26 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def leak_difference(model: SparK, x: torch.Tensor, mask: torch.Tensor, noise_scale: float = 100.0, seed: int = 0) -> float:
-    """How much ``out.pred`` changes when masked cells are replaced by large noise (should be ~0)."""
+    """How much the output changes when masked cells are replaced by large noise (should be ~0).
+
+    Two views: ``out.pred`` of the full model, and the sparse encoder's features when it is fed the
+    raw (not pre-masked) input, so the converted layers themselves must keep masked content out.
+    """
     gen = torch.Generator().manual_seed(seed)
     visible = upsample_mask(mask, x.shape[2:])
     noise = torch.randn(x.shape, generator=gen, dtype=x.dtype) * noise_scale
     x_noisy = torch.where(visible, x, noise.to(x.device))
     state = copy.deepcopy(model.state_dict())  # train-mode BN updates running stats; compare from one state
+    results = []
     with torch.no_grad():
-        pred_a = model(x, mask=mask).pred
-        model.load_state_dict(state)
-        pred_b = model(x_noisy, mask=mask).pred
-        model.load_state_dict(state)
-    return relative_difference(pred_b, pred_a)
+        for inputs in (x, x_noisy):
+            pred = model(inputs, mask=mask).pred
+            model.load_state_dict(state)
+            with model.ctx.use(mask):
+                feats = model.encoder(inputs)
+            model.load_state_dict(state)
+            results.append([pred, *feats])
+    return max(relative_difference(b, a) for a, b in zip(*results))
 
 
 def dense_difference(model: SparK, dense: HierarchicalEncoder, x: torch.Tensor) -> float:
