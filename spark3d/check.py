@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .encoders import HierarchicalEncoder, from_monai, from_timm, MONAI_ENCODERS
+from .encoders import MONAI_ENCODERS, HierarchicalEncoder, make_encoder
 from .masking import upsample_mask
 from .spark import SparK
 
@@ -86,12 +86,9 @@ class CheckResult:
 
 def build_encoder(name: str, spatial_dims: int | None = None, in_channels: int | None = None) -> HierarchicalEncoder:
     """An encoder from a MONAI name (``resnet18``, ``segresnet``, …) or otherwise a timm model name."""
-    if name.lower() in MONAI_ENCODERS and not name.startswith("timm/"):
-        return from_monai(name, spatial_dims=spatial_dims or 3, in_channels=in_channels or 1)
-    timm_name = name.removeprefix("timm/")
-    if spatial_dims not in (None, 2):
-        raise ValueError(f"timm networks are 2D; got --spatial-dims {spatial_dims} for '{timm_name}'")
-    return from_timm(timm_name, in_chans=in_channels or 3)
+    if name.lower() in MONAI_ENCODERS:
+        return make_encoder("monai", name, spatial_dims or 3, in_channels or 1)
+    return make_encoder("timm", name.removeprefix("timm/"), spatial_dims or 2, in_channels or 3)
 
 
 def check_backbone(

@@ -34,7 +34,14 @@ def _check_backbone(argv: list[str]) -> int:
     return 0 if result.ok else 1
 
 
+def _pretrain(argv: list[str]) -> int:
+    from .pretrain_cli import run_pretrain
+
+    return run_pretrain(argv)
+
+
 COMMANDS = {
+    "pretrain": (_pretrain, "SparK pretraining (LightningCLI: --config F, dotted overrides, --print_config)"),
     "check-backbone": (_check_backbone, "tell whether a network is safe for sparse masking"),
 }
 
@@ -51,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"spark3d: unknown command '{command}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[command][0](rest)
+    from .data.datalist import DataError
+
+    try:
+        return COMMANDS[command][0](rest)
+    except DataError as err:
+        print(f"spark3d {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "MONAI_ENCODERS"]
+__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "make_encoder", "MONAI_ENCODERS"]
 
 
 class _StopEncoding(Exception):
@@ -289,3 +289,16 @@ def from_monai(
                 "kwargs": dict(kwargs)}
     return HierarchicalEncoder(network, _taps_for(network), spatial_dims, in_channels, probe_size=probe_size,
                                builder=builder, meta=meta)
+
+
+def make_encoder(
+    source: str, name: str, spatial_dims: int = 3, in_channels: int = 1, **kwargs: Any
+) -> HierarchicalEncoder:
+    """An encoder from a description: ``source`` is ``"monai"`` or ``"timm"`` (2D only)."""
+    if source == "monai":
+        return from_monai(name, spatial_dims=spatial_dims, in_channels=in_channels, **kwargs)
+    if source == "timm":
+        if spatial_dims != 2:
+            raise ValueError(f"timm networks are 2D; got spatial_dims={spatial_dims} for '{name}'")
+        return from_timm(name, in_chans=in_channels, **kwargs)
+    raise ValueError(f"unknown backbone source '{source}'; expected 'monai' or 'timm'")

@@ -99,7 +99,8 @@ class SparK(nn.Module):
             if any(c % s for c, s in zip(self.patch_size, stride)):
                 raise ValueError(f"encoder level stride {stride} does not divide the total stride {self.patch_size}")
         self.ctx = MaskContext()
-        sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=trusted)
+        self._trusted = tuple(trusted)
+        sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted)
 
         width = decoder_width if decoder_width is not None else (768 if sd <= 2 else 256)
         self.decoder = LightDecoder(encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm, fusion=fusion)
@@ -123,6 +124,11 @@ class SparK(nn.Module):
                 for k, (c, w) in enumerate(zip(encoder.channels, widths))
             ]
         )
+
+    def resparsify(self) -> None:
+        """Convert again after something replaced layers (e.g. Lightning's SyncBatchNorm conversion)."""
+        sparsify(self.encoder.network, self.ctx, only=self.encoder.participating, trusted=self._trusted)
+        sparsify(self.densify_norms, self.ctx)
 
     # ---------------------------------------------------------------------------------- masks
     def random_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -176,10 +176,58 @@ class SparseNormMixin(SparseLayer):
         idx_bck = idx_b1k.expand(b, c, -1)
         packed = x.reshape(b, c, -1).gather(2, idx_bck)
         packed = packed.view(b, c, packed.shape[2], *([1] * (x.ndim - 3)))
-        y_packed = super().forward(packed)
+        if _needs_cross_process_sync(self):
+            y_packed = _synced_batch_norm(self, packed)
+        else:
+            y_packed = super().forward(packed)
         out = x.new_zeros(b, y_packed.shape[1], math.prod(x.shape[2:]), dtype=y_packed.dtype)
         out = out.scatter(2, idx_b1k.expand(b, y_packed.shape[1], -1), y_packed.reshape(b, y_packed.shape[1], -1))
         return out.view(b, y_packed.shape[1], *x.shape[2:])
+
+
+def _needs_cross_process_sync(layer: nn.Module) -> bool:
+    return (
+        isinstance(layer, nn.SyncBatchNorm)
+        and layer.training
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size(layer.process_group or torch.distributed.group.WORLD) > 1
+    )
+
+
+def _synced_batch_norm(layer: nn.SyncBatchNorm, packed: torch.Tensor) -> torch.Tensor:
+    """Batch norm of packed visible sites with statistics summed over all processes (any device, gloo too).
+
+    torch's own SyncBatchNorm runs on GPUs only; this keeps the same semantics: the mean and biased
+    variance over every visible site of every process normalise, the unbiased variance updates the
+    running statistics, and gradients flow through the all-reduce.
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    c = packed.shape[1]
+    v_cn = packed.transpose(0, 1).reshape(c, -1).float()
+    count = torch.full((1,), float(v_cn.shape[1]), device=v_cn.device)
+    stats = torch.cat([v_cn.sum(1), v_cn.pow(2).sum(1), count])
+    stats = all_reduce(stats, group=layer.process_group or torch.distributed.group.WORLD)
+    n = stats[-1]
+    mean = stats[:c] / n
+    var = (stats[c : 2 * c] / n - mean.pow(2)).clamp_min(0.0)
+    if layer.track_running_stats:
+        with torch.no_grad():
+            layer.num_batches_tracked.add_(1)
+            momentum = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
+            layer.running_mean.mul_(1 - momentum).add_(momentum * mean.detach().to(layer.running_mean.dtype))
+            unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
+            layer.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(layer.running_var.dtype))
+    shape = (1, c) + (1,) * (packed.ndim - 2)
+    y = (packed - mean.view(shape).to(packed.dtype)) / (var.view(shape) + layer.eps).sqrt().to(packed.dtype)
+    if layer.affine:
+        y = y * layer.weight.view(shape) + layer.bias.view(shape)
+    for extra in ("drop", "act"):  # timm's SyncBatchNormAct: BN, then dropout and activation
+        fn = getattr(layer, extra, None)
+        if isinstance(fn, nn.Module):
+            y = fn(y)
+    return y
 
 
 class SparseLayerNormMixin(SparseLayer):

@@ -1,0 +1,9 @@
+"""Data: datalists, CT and natural-image data modules, and synthetic CT phantoms."""
+
+from .ct import CTPretrainData
+from .datalist import DataError, load_datalist
+from .images import ImageFolderData
+from .phantoms import BTCV_LABELS, make_phantom, write_btcv_phantoms
+
+__all__ = ["CTPretrainData", "ImageFolderData", "DataError", "load_datalist", "BTCV_LABELS", "make_phantom",
+           "write_btcv_phantoms"]

@@ -1,0 +1,131 @@
+"""Lightning data module for CT pretraining: a datalist or a folder of NIfTI volumes → random ROI crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from monai import data as md
+from monai import transforms as mt
+
+from .datalist import DataError, check_volume, folder_datalist, load_datalist
+from .transforms import ct_pretrain_augment, ct_preprocess
+
+__all__ = ["CTPretrainData"]
+
+
+class CTPretrainData(pl.LightningDataModule):
+    """CT volumes for SparK pretraining, through MONAI transforms and a cache of the deterministic part.
+
+    Args:
+        datalist: a decathlon-style JSON (``training`` list; ``validation`` used when present) or a
+            folder of ``.nii/.nii.gz`` files. Relative paths resolve against the JSON's folder.
+        roi_size: size of the random crops fed to the network.
+        num_samples: crops per volume per step (MONAI flattens them into the batch).
+        batch_size: volumes per batch (each gives ``num_samples`` crops).
+        spacing: target voxel spacing in mm (None keeps the native spacing).
+        intensity_range: HU window mapped to [0, 1] (pretraining default −1000..1000).
+        cache: ``"ram"`` (MONAI CacheDataset), ``"disk"`` (PersistentDataset in ``cache_dir``) or ``"none"``.
+        num_workers: data loader workers.
+    """
+
+    def __init__(
+        self,
+        datalist: str,
+        roi_size: Sequence[int] = (96, 96, 96),
+        num_samples: int = 2,
+        batch_size: int = 1,
+        spacing: Sequence[float] | None = (1.5, 1.5, 2.0),
+        intensity_range: Sequence[float] = (-1000.0, 1000.0),
+        cache: str = "ram",
+        cache_dir: str | None = None,
+        num_workers: int = 2,
+        train_key: str = "training",
+        val_key: str | None = "validation",
+        flip_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if cache not in ("ram", "disk", "none"):
+            raise DataError(f"data.cache must be 'ram', 'disk' or 'none', got '{cache}'")
+        if cache == "disk" and not cache_dir:
+            raise DataError("data.cache 'disk' needs data.cache_dir")
+        self.datalist = datalist
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.intensity_range = tuple(float(v) for v in intensity_range)
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.num_workers = int(num_workers)
+        self.train_key = train_key
+        self.val_key = val_key
+        self.flip_prob = flip_prob
+        self.train_files: list[dict] | None = None
+        self.val_files: list[dict] = []
+
+    # ------------------------------------------------------------------------------ checks
+    @property
+    def crops_per_batch(self) -> int:
+        return self.batch_size * self.num_samples
+
+    def metadata(self) -> dict[str, Any]:
+        """What a downstream user must know to feed the pretrained encoder the same way."""
+        return {"spacing": self.spacing, "intensity_range": self.intensity_range, "roi_size": self.roi_size,
+                "orientation": "RAS"}
+
+    def validate(self) -> None:
+        """Resolve and check every file (exists, readable header, 3D) before anything is written."""
+        if self.train_files is not None:
+            return
+        source = Path(self.datalist)
+        if source.is_dir():
+            train, val = folder_datalist(source), []
+        else:
+            train = load_datalist(source, self.train_key)
+            val = load_datalist(source, self.val_key, required=False) if self.val_key else []
+        for entry in train + val:
+            check_volume(entry["image"], spatial_dims=3)
+        self.train_files, self.val_files = train, val
+
+    # ------------------------------------------------------------------------------ datasets
+    def _shard(self, files: list[dict]) -> list[dict]:
+        """This process's share of the files under DDP (so each rank caches only its own)."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world <= 1:
+            return files
+        if len(files) < world:
+            raise DataError(f"{len(files)} volumes cannot be shared among {world} processes")
+        return md.partition_dataset(files, num_partitions=world, shuffle=False, even_divisible=True)[trainer.global_rank]
+
+    def _dataset(self, files: list[dict], transform: mt.Compose) -> md.Dataset:
+        if self.cache == "ram":
+            return md.CacheDataset(files, transform=transform, progress=False, num_workers=None)
+        if self.cache == "disk":
+            return md.PersistentDataset(files, transform=transform, cache_dir=self.cache_dir)
+        return md.Dataset(files, transform=transform)
+
+    def preprocess(self) -> mt.Compose:
+        return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.validate()
+        pre = self.preprocess()
+        train_tf = mt.Compose([pre, ct_pretrain_augment(self.roi_size, self.num_samples, self.flip_prob)])
+        self.train_ds = self._dataset(self._shard(self.train_files), train_tf)
+        self.val_ds = None
+        if self.val_files:
+            val_tf = mt.Compose([pre, mt.CenterSpatialCropd("image", roi_size=self.roi_size)])
+            self.val_ds = self._dataset(self._shard(self.val_files), val_tf)
+
+    def train_dataloader(self) -> md.DataLoader:
+        return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                             persistent_workers=self.num_workers > 0, drop_last=len(self.train_ds) > self.batch_size)
+
+    def val_dataloader(self):
+        if self.val_ds is None:
+            return []
+        return md.DataLoader(self.val_ds, batch_size=self.batch_size * self.num_samples, num_workers=self.num_workers)

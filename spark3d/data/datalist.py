@@ -1,0 +1,86 @@
+"""Datalists (MONAI decathlon-style JSON) and folders of volumes, checked before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["DataError", "load_datalist", "folder_datalist", "check_volume", "NIFTI_SUFFIXES"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the key or the shape and what was expected."""
+
+
+def load_datalist(path: str | Path, key: str = "training", keys: Sequence[str] = ("image",),
+                  required: bool = True) -> list[dict]:
+    """Entries of ``key`` in a decathlon-style JSON, with paths made absolute (relative to the JSON's folder).
+
+    Raises :class:`DataError` for a missing or malformed file, a missing or empty list (when ``required``),
+    entries without the wanted ``keys``, and entries whose files do not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist {path} does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"datalist {path} is not valid JSON: {err}") from None
+    if not isinstance(content, dict):
+        raise DataError(f"datalist {path} must hold a JSON object with a '{key}' list")
+    entries = content.get(key)
+    if entries is None or entries == []:
+        if required:
+            raise DataError(f"datalist {path} has no '{key}' cases (keys present: {', '.join(content) or 'none'})")
+        return []
+    if not isinstance(entries, list):
+        raise DataError(f"datalist {path}: '{key}' must be a list of objects")
+    base = path.parent
+    out = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict):
+            raise DataError(f"datalist {path}: {key}[{i}] must be an object like {{\"image\": \"a.nii.gz\"}}")
+        missing_keys = [k for k in keys if k not in entry]
+        if missing_keys:
+            raise DataError(f"datalist {path}: {key}[{i}] has no {missing_keys} entry")
+        resolved = dict(entry)
+        for k in keys:
+            values = entry[k] if isinstance(entry[k], list) else [entry[k]]
+            files = [str(v if Path(v).is_absolute() else (base / v)) for v in values]
+            for f in files:
+                if not Path(f).is_file():
+                    raise DataError(f"datalist {path}: {key}[{i}] '{k}' file {f} does not exist")
+            resolved[k] = files if isinstance(entry[k], list) else files[0]
+        out.append(resolved)
+    return out
+
+
+def folder_datalist(folder: str | Path) -> list[dict]:
+    """Every ``.nii``/``.nii.gz`` file below a folder, sorted, as ``[{"image": path}, …]``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    if not files:
+        raise DataError(f"data folder {folder} holds no .nii or .nii.gz files")
+    return [{"image": str(p)} for p in files]
+
+
+def check_volume(path: str | Path, spatial_dims: int = 3) -> tuple[int, ...]:
+    """Read a NIfTI header and check it holds a volume of ``spatial_dims`` axes; returns its shape."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise DataError(f"cannot read {path} as NIfTI: {err}") from None
+    spatial = [s for s in shape[:3]]
+    if len(shape) < spatial_dims or any(s <= 1 for s in spatial[:spatial_dims]):
+        raise DataError(f"{path} has shape {shape}; expected a {spatial_dims}D volume (every spatial axis > 1)")
+    return shape

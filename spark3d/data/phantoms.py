@@ -1,0 +1,179 @@
+"""Synthetic abdominal CT phantoms with the 13 BTCV organ labels, written in the BTCV raw layout.
+
+Each case is a body (skin/subcutaneous fat, muscle wall, visceral fat and soft tissue), a spine and
+ribs, and 13 organ-like structures with the BTCV label ids and HU values of contrast-enhanced CT,
+jittered per case (position, size, intensity), with noise and anisotropic spacing. Deterministic
+for a given seed. The demo and the tests use them as their embedded data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["BTCV_LABELS", "make_phantom", "write_btcv_phantoms", "btcv_case_ids"]
+
+BTCV_LABELS = {
+    0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus",
+    6: "liver", 7: "stomach", 8: "aorta", 9: "inferior vena cava", 10: "portal and splenic veins",
+    11: "pancreas", 12: "right adrenal gland", 13: "left adrenal gland",
+}
+
+
+@dataclass(frozen=True)
+class _Organ:
+    label: int
+    centre: tuple[float, float, float]  # mm; x towards the patient's left, y anterior, z superior
+    radii: tuple[float, float, float]  # semi-axes in mm
+    hu: float
+
+
+# Ellipsoids (x = towards the patient's left, so the liver sits at x < 0; y anterior; z superior), in mm.
+_ORGANS = (
+    _Organ(6, (-60.0, 5.0, 45.0), (70.0, 65.0, 60.0), 60.0),  # liver
+    _Organ(1, (85.0, -35.0, 50.0), (30.0, 25.0, 45.0), 50.0),  # spleen
+    _Organ(7, (45.0, 35.0, 45.0), (38.0, 28.0, 40.0), 25.0),  # stomach
+    _Organ(2, (-62.0, -55.0, -10.0), (22.0, 22.0, 45.0), 160.0),  # right kidney
+    _Organ(3, (62.0, -55.0, -5.0), (22.0, 22.0, 45.0), 160.0),  # left kidney
+    _Organ(4, (-45.0, 30.0, 5.0), (14.0, 14.0, 28.0), 8.0),  # gallbladder
+    _Organ(11, (5.0, -5.0, 15.0), (55.0, 12.0, 14.0), 45.0),  # pancreas
+    _Organ(12, (-40.0, -45.0, 45.0), (9.0, 5.0, 14.0), 30.0),  # right adrenal
+    _Organ(13, (40.0, -45.0, 40.0), (9.0, 5.0, 14.0), 30.0),  # left adrenal
+)
+_TUBES = (  # (label, x, y, radius, hu, z range) vertical vessels
+    (8, 15.0, -40.0, 11.0, 210.0, (-200.0, 200.0)),  # aorta
+    (9, -22.0, -35.0, 10.0, 150.0, (-200.0, 200.0)),  # inferior vena cava
+    (5, 8.0, -30.0, 7.0, 40.0, (60.0, 200.0)),  # esophagus (upper abdomen only)
+)
+
+
+def btcv_case_ids(n_train: int, n_test: int) -> tuple[list[int], list[int]]:
+    """BTCV-style case numbers: training 1–10 then 21–40 (then beyond), testing from 61."""
+    train_pool = list(range(1, 11)) + list(range(21, 41)) + list(range(41, 61))
+    if n_train > len(train_pool):
+        raise ValueError(f"at most {len(train_pool)} training phantoms")
+    return train_pool[:n_train], list(range(61, 61 + n_test))
+
+
+def make_phantom(
+    seed: int,
+    shape: Sequence[int] = (96, 96, 48),
+    spacing: Sequence[float] | None = None,
+    noise_hu: float = 12.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One phantom: ``(hu_int16, label_uint8, affine)``; voxel axes run to the left, posterior, superior (LPS storage)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    if spacing is None:
+        in_plane = rng.uniform(3.3, 3.8)
+        spacing = (in_plane, in_plane, rng.uniform(4.5, 5.5))
+    spacing = tuple(float(s) for s in spacing)
+    # RAS world coordinates (mm) of voxel centres, stored as DICOM-converted CT usually is (LPS):
+    # x_ras = -(i - c) * sx, y_ras = -(j - c) * sy, z_ras = (k - c) * sz
+    idx = [np.arange(n, dtype=np.float32) - (n - 1) / 2 for n in shape]
+    x = (-idx[0] * spacing[0])[:, None, None]
+    y = (-idx[1] * spacing[1])[None, :, None]
+    z = (idx[2] * spacing[2])[None, None, :]
+    scale = rng.uniform(0.9, 1.1)
+    shift = rng.uniform(-6, 6, size=3)
+    # xs grows towards the patient's left (RAS x points to the right), ys anterior, zs superior
+    xs, ys, zs = -(x - shift[0]) / scale, (y - shift[1]) / scale, z - shift[2]
+
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    body_a, body_b = 150.0 * rng.uniform(0.95, 1.05), 110.0 * rng.uniform(0.95, 1.05)
+    r_body = (xs / body_a) ** 2 + ((ys - 10.0) / body_b) ** 2
+    body = np.broadcast_to(r_body <= 1.0, shape)
+    hu[body] = -100.0  # subcutaneous fat
+    muscle = np.broadcast_to(r_body <= 0.88**2, shape)
+    hu[muscle] = 45.0  # abdominal wall muscle
+    inner = np.broadcast_to(r_body <= 0.8**2, shape)
+    hu[inner] = -90.0  # visceral fat, organs drawn on top
+    bowel = inner & (np.sin(xs / 9.0) * np.sin(ys / 11.0) * np.cos(zs / 13.0) > 0.35)
+    hu[bowel] = 30.0  # bowel loops: soft tissue texture
+    # spine and ribs
+    vertebra = ((xs / 20.0) ** 2 + ((ys + 80.0) / 18.0) ** 2 <= 1.0) & np.ones_like(zs, dtype=bool)
+    hu[vertebra] = 350.0
+    cortex = vertebra & ~(((xs / 15.0) ** 2 + ((ys + 80.0) / 13.0) ** 2) <= 1.0)
+    hu[cortex] = 800.0
+    rib_ring = (np.abs(np.sqrt(r_body) - 0.84) < 0.035) & (np.cos(zs / 9.0) > 0.6) & (ys < 40.0) & (zs > 0)
+    hu[rib_ring] = 700.0
+
+    for organ in _ORGANS:
+        c = np.array(organ.centre) + rng.normal(0.0, 4.0, size=3)
+        r = np.array(organ.radii) * rng.uniform(0.85, 1.15, size=3)
+        inside = ((xs - c[0]) / r[0]) ** 2 + ((ys - c[1]) / r[1]) ** 2 + ((zs - c[2]) / r[2]) ** 2 <= 1.0
+        inside = np.broadcast_to(inside, shape) & inner
+        hu[inside] = organ.hu + rng.normal(0.0, 8.0)
+        label[inside] = organ.label
+    for lab, cx, cy, radius, value, (z0, z1) in _TUBES:
+        cx, cy = cx + rng.normal(0, 2.0), cy + rng.normal(0, 2.0)
+        inside = ((xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2) & (zs >= z0) & (zs <= z1)
+        inside = np.broadcast_to(inside, shape) & inner
+        hu[inside] = value + rng.normal(0.0, 10.0)
+        label[inside] = lab
+    # portal / splenic vein: a tube running from the liver hilum towards the spleen
+    t = np.clip((xs + 35.0) / 120.0, 0.0, 1.0)
+    vy, vz = -5.0 - 25.0 * t, 20.0 + 15.0 * t
+    vein = ((ys - vy) ** 2 + (zs - vz) ** 2 <= 6.0**2) & (xs > -35.0) & (xs < 85.0)
+    vein = np.broadcast_to(vein, shape) & inner
+    hu[vein] = 170.0
+    label[vein] = 10
+    # air in the stomach fundus
+    air = (label == 7) & np.broadcast_to(ys > 35.0 + 12.0, shape) & np.broadcast_to(zs > 60.0, shape)
+    hu[air] = -850.0
+
+    hu += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [(shape[0] - 1) / 2 * spacing[0], (shape[1] - 1) / 2 * spacing[1], -(shape[2] - 1) / 2 * spacing[2]]
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), label, affine
+
+
+def write_btcv_phantoms(
+    out_dir: str | Path,
+    n_train: int = 8,
+    n_val: int = 2,
+    n_test: int = 2,
+    shape: Sequence[int] = (96, 96, 48),
+    seed: int = 0,
+) -> Path:
+    """Write phantoms as ``RawData/Training/{img,label}`` and ``RawData/Testing/img`` plus ``dataset.json``.
+
+    The first ``n_train`` training cases form the training list, the next ``n_val`` the validation
+    list. Returns the datalist path.
+    """
+    out = Path(out_dir)
+    train_ids, test_ids = btcv_case_ids(n_train + n_val, n_test)
+    img_dir, lab_dir, test_dir = (out / "RawData" / "Training" / "img", out / "RawData" / "Training" / "label",
+                                  out / "RawData" / "Testing" / "img")
+    for d in (img_dir, lab_dir, test_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for case in train_ids:
+        hu, lab, affine = make_phantom(seed * 1000 + case, shape)
+        img_path, lab_path = img_dir / f"img{case:04d}.nii.gz", lab_dir / f"label{case:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(hu, affine), img_path)
+        nib.save(nib.Nifti1Image(lab, affine), lab_path)
+        entries.append({"image": str(img_path.relative_to(out)), "label": str(lab_path.relative_to(out))})
+    tests = []
+    for case in test_ids:
+        hu, _, affine = make_phantom(seed * 1000 + case, shape)
+        path = test_dir / f"img{case:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(hu, affine), path)
+        tests.append({"image": str(path.relative_to(out))})
+    datalist = {
+        "name": "spark3d BTCV-layout phantoms",
+        "description": f"synthetic abdominal CT phantoms, seed {seed}",
+        "labels": {str(k): v for k, v in BTCV_LABELS.items()},
+        "training": entries[:n_train],
+        "validation": entries[n_train:],
+        "test": tests,
+    }
+    path = out / "dataset.json"
+    path.write_text(json.dumps(datalist, indent=2))
+    return path

@@ -1,0 +1,70 @@
+"""MONAI dictionary transforms for CT: deterministic preprocessing (cacheable) and random augmentation."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from monai import transforms as mt
+
+from .datalist import DataError
+
+__all__ = ["LoadVolumed", "ct_preprocess", "ct_pretrain_augment"]
+
+
+class LoadVolumed(mt.MapTransform):
+    """``LoadImaged`` + channel first, with one clear error naming the file when it cannot be read."""
+
+    def __init__(self, keys: Sequence[str], spatial_dims: int = 3) -> None:
+        super().__init__(keys)
+        self.spatial_dims = spatial_dims
+        self.load = mt.LoadImaged(keys, reader="NibabelReader", image_only=True)
+        self.channel = mt.EnsureChannelFirstd(keys)
+
+    def __call__(self, data):
+        try:
+            out = self.load(data)
+        except Exception as err:
+            names = ", ".join(str(data.get(k)) for k in self.keys)
+            cause = err.__cause__ or err
+            raise DataError(f"cannot read {names}: {type(cause).__name__}: {cause}") from None
+        for k in self.keys:
+            shape = tuple(out[k].shape)
+            if len(shape) < self.spatial_dims or any(s <= 1 for s in shape[: self.spatial_dims]):
+                raise DataError(f"{data[k]} has shape {shape}; expected a {self.spatial_dims}D volume")
+        return self.channel(out)
+
+
+def ct_preprocess(
+    keys: Sequence[str] = ("image",),
+    spacing: Sequence[float] | None = (1.5, 1.5, 2.0),
+    intensity_range: Sequence[float] = (-1000.0, 1000.0),
+    roi_size: Sequence[int] | None = None,
+    crop_foreground: bool = True,
+) -> mt.Compose:
+    """Load, RAS, resample, HU window → [0, 1], crop to foreground, pad to the ROI. Deterministic."""
+    keys = list(keys)
+    image_key = keys[0]
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    steps = [LoadVolumed(keys), mt.Orientationd(keys, axcodes="RAS", labels=None)]
+    if spacing is not None:
+        steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
+    lo, hi = intensity_range
+    steps.append(mt.ScaleIntensityRanged(image_key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if crop_foreground:
+        steps.append(mt.CropForegroundd(keys, source_key=image_key, allow_smaller=True, margin=2))
+    if roi_size is not None:
+        steps.append(mt.SpatialPadd(keys, spatial_size=tuple(roi_size)))
+    steps.append(mt.EnsureTyped(keys, dtype=[np.float32] + [np.uint8] * (len(keys) - 1), track_meta=False))
+    return mt.Compose(steps)
+
+
+def ct_pretrain_augment(roi_size: Sequence[int], num_samples: int = 2, flip_prob: float = 0.5) -> mt.Compose:
+    """Several random ROI crops per volume, random flips along each axis."""
+    return mt.Compose(
+        [
+            mt.RandSpatialCropSamplesd("image", roi_size=tuple(roi_size), num_samples=num_samples, random_size=False),
+            *[mt.RandFlipd("image", prob=flip_prob, spatial_axis=a) for a in range(len(roi_size))],
+            mt.EnsureTyped("image", track_meta=False),
+        ]
+    )

@@ -1,0 +1,52 @@
+"""LightningCLI for the training subcommands: run directory layout, loggers, checkpoints, data checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+__all__ = ["Spark3dCLI", "run_directory_trainer_kwargs"]
+
+
+def run_directory_trainer_kwargs(root: str | Path, config_trainer: dict[str, Any], monitor: str | None = None,
+                                 mode: str = "min") -> dict[str, Any]:
+    """Loggers and checkpointing that put everything of a run under ``root``.
+
+    ``root/metrics.csv`` (CSVLogger), ``root/tensorboard/``, ``root/checkpoints/last.ckpt`` (+ best
+    by ``monitor`` when given). User-given loggers and checkpoint callbacks are kept as they are.
+    """
+    root = Path(root)
+    out: dict[str, Any] = {}
+    if config_trainer.get("logger") in (None, True):
+        out["logger"] = [CSVLogger(root, name="", version=""), TensorBoardLogger(root, name="tensorboard", version="")]
+    callbacks = list(config_trainer.get("callbacks") or [])
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        callbacks.append(
+            ModelCheckpoint(dirpath=root / "checkpoints", filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
+                            save_last=True, save_top_k=1, monitor=monitor, mode=mode)
+        )
+    out["callbacks"] = callbacks
+    return out
+
+
+class Spark3dCLI(LightningCLI):
+    """LightningCLI with ``--ckpt_path``, ``data.roi_size`` → ``model.input_size``, and data checks first."""
+
+    monitor: str | None = None
+    monitor_mode: str = "min"
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="resume from this checkpoint ('last' = the run directory's last.ckpt)")
+        parser.link_arguments("data.init_args.roi_size", "model.init_args.input_size")
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or "runs/default"
+        kwargs.update(run_directory_trainer_kwargs(root, config, self.monitor, self.monitor_mode))
+        return super().instantiate_trainer(**kwargs)
