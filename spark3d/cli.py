@@ -40,7 +40,14 @@ def _pretrain(argv: list[str]) -> int:
     return run_pretrain(argv)
 
 
+def _demo(argv: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(argv)
+
+
 COMMANDS = {
+    "demo": (_demo, "the embedded default: phantoms → SparK pretraining → encoder.pt + figures (CPU, minutes)"),
     "pretrain": (_pretrain, "SparK pretraining (LightningCLI: --config F, dotted overrides, --print_config)"),
     "check-backbone": (_check_backbone, "tell whether a network is safe for sparse masking"),
 }

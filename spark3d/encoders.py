@@ -10,6 +10,7 @@ which modules take part in encoding (those are converted, checked and exported).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -174,9 +175,7 @@ def from_timm(
 
     kwargs.setdefault("pretrained", False)
 
-    def build() -> nn.Module:
-        return timm.create_model(name, in_chans=in_chans, **kwargs)
-
+    build = functools.partial(timm.create_model, name, in_chans=in_chans, **kwargs)  # picklable
     network = build()
     if not hasattr(network, "forward_intermediates") or not hasattr(network, "feature_info"):
         raise ValueError(f"timm model '{name}' has no forward_intermediates/feature_info; it is not a supported convnet")
@@ -261,6 +260,10 @@ MONAI_ENCODERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _build_monai(key: str, spatial_dims: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    return MONAI_ENCODERS[key](spatial_dims, in_channels, **copy.deepcopy(kwargs))
+
+
 def from_monai(
     name_or_network: str | nn.Module,
     spatial_dims: int = 3,
@@ -271,19 +274,14 @@ def from_monai(
     """Encoder over a MONAI network, by name (``resnet18``, ``segresnet``, ``dynunet``, ``mednext``, …) or instance."""
     if isinstance(name_or_network, nn.Module):
         network = name_or_network
-        frozen = copy.deepcopy(network)
-        builder = lambda: copy.deepcopy(frozen)  # noqa: E731 - same architecture, fresh object
+        builder = functools.partial(copy.deepcopy, copy.deepcopy(network))  # same architecture, fresh object
         meta = {"source": "monai-instance", "name": type(network).__name__, "spatial_dims": spatial_dims,
                 "in_channels": in_channels}
     else:
         key = str(name_or_network).lower()
         if key not in MONAI_ENCODERS:
             raise ValueError(f"unknown MONAI encoder '{name_or_network}'; known: {', '.join(MONAI_ENCODERS)}")
-        make = MONAI_ENCODERS[key]
-
-        def builder() -> nn.Module:
-            return make(spatial_dims, in_channels, **copy.deepcopy(kwargs))
-
+        builder = functools.partial(_build_monai, key, spatial_dims, in_channels, copy.deepcopy(kwargs))
         network = builder()
         meta = {"source": "monai", "name": key, "spatial_dims": spatial_dims, "in_channels": in_channels,
                 "kwargs": dict(kwargs)}

@@ -113,6 +113,7 @@ class SparK(nn.Module):
             [nn.Identity() if kind == "none" else make_norm(kind, c, sd) for c in encoder.channels]
         )
         sparsify(self.densify_norms, self.ctx)
+        sparsify(self.decoder, self.ctx)  # runs with no mask (dense), but syncs BatchNorm on any device
         self.mask_tokens = nn.ParameterList(
             [nn.Parameter(torch.zeros(1, c, *([1] * sd))) for c in encoder.channels]
         )
@@ -129,6 +130,7 @@ class SparK(nn.Module):
         """Convert again after something replaced layers (e.g. Lightning's SyncBatchNorm conversion)."""
         sparsify(self.encoder.network, self.ctx, only=self.encoder.participating, trusted=self._trusted)
         sparsify(self.densify_norms, self.ctx)
+        sparsify(self.decoder, self.ctx)
 
     # ---------------------------------------------------------------------------------- masks
     def random_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

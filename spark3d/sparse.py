@@ -170,6 +170,8 @@ class SparseNormMixin(SparseLayer):
 
     def forward(self, x):
         if not self._mask_active(x):
+            if _needs_cross_process_sync(self):
+                return _synced_batch_norm(self, x)
             return super().forward(x)
         b, c = x.shape[:2]
         idx_b1k = self._sparse_ctx.visible_index(x.shape[2:])
@@ -264,7 +266,7 @@ _POSITIONWISE_TYPES: tuple[type, ...] = (
 )
 # Modules of these packages are trusted to compose their children position-wise, unless their
 # name says they mix positions (attention, transformers, global response norm, …).
-_TRUSTED_PACKAGES = ("torch.nn.", "timm.", "monai.")
+_TRUSTED_PACKAGES = ("torch.nn.", "timm.", "monai.", "spark3d.")
 _POSITIONWISE_PACKAGES = ("timm.layers.activations", "timm.layers.drop", "timm.layers.layer_scale")
 _MIXER_NAME = re.compile(
     r"attention|attn|transformer|sablock|swin|globalresponse|grn|nonlocal|mixer|blurpool|upsample|interpolat",
@@ -272,21 +274,28 @@ _MIXER_NAME = re.compile(
 )
 
 
+def _kind_of_class(cls: type) -> type | None:
+    """The sparse behaviour (mixin) layers of this class need, by class alone."""
+    if issubclass(cls, SparseLayer):
+        return cls.__mro__[1]
+    for types, mixin in (
+        (_CONV_TYPES, SparseConvMixin),
+        (_MAXPOOL_TYPES, SparseMaxPoolMixin),
+        (_AVGPOOL_TYPES, SparseAvgPoolMixin),
+        (_NORM_TYPES, SparseNormMixin),
+        ((nn.LayerNorm,), SparseLayerNormMixin),
+    ):
+        if issubclass(cls, types):
+            return mixin
+    return None
+
+
 def _kind_of(module: nn.Module) -> type | None:
     """The sparse behaviour a module needs, or None when it is not a covered layer."""
-    if isinstance(module, SparseLayer):
-        return type(module).__mro__[1]
-    if isinstance(module, _CONV_TYPES):
-        return SparseConvMixin
-    if isinstance(module, _MAXPOOL_TYPES):
-        return SparseMaxPoolMixin
-    if isinstance(module, _AVGPOOL_TYPES):
-        return SparseAvgPoolMixin
-    if isinstance(module, _NORM_TYPES):
-        return SparseNormMixin
-    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-        return SparseLayerNormMixin
-    return None
+    mixin = _kind_of_class(type(module))
+    if mixin is SparseLayerNormMixin and len(module.normalized_shape) != 1:
+        return None  # LayerNorm over several axes mixes positions
+    return mixin
 
 
 def _refusal(module: nn.Module, trusted: tuple[type, ...]) -> str | None:
@@ -311,11 +320,32 @@ def _refusal(module: nn.Module, trusted: tuple[type, ...]) -> str | None:
 
 
 def _sparse_class(cls: type, mixin: type) -> type:
+    """The generated ``Sparse<Name>(mixin, cls)`` class, created once per dense class.
+
+    Its ``__qualname__`` encodes the dense class's import path, and this module's ``__getattr__``
+    rebuilds it from that name, so converted networks pickle (``torch.save``, spawned processes).
+    """
     cached = _SPARSE_CLASSES.get(cls)
     if cached is None:
-        cached = type(f"Sparse{cls.__name__}", (mixin, cls), {"_dense_class": cls, "__module__": cls.__module__})
+        qualname = f"Sparse__{cls.__module__.replace('.', '__')}___{cls.__qualname__}"
+        cached = type(f"Sparse{cls.__name__}", (mixin, cls),
+                      {"_dense_class": cls, "__module__": __name__, "__qualname__": qualname})
         _SPARSE_CLASSES[cls] = cached
     return cached
+
+
+def __getattr__(name: str) -> type:
+    """Rebuild a generated sparse class from its pickled name (see :func:`_sparse_class`)."""
+    if not name.startswith("Sparse__") or "___" not in name:
+        raise AttributeError(name)
+    import importlib
+
+    module_part, cls_name = name[len("Sparse__"):].split("___", 1)
+    dense = getattr(importlib.import_module(module_part.replace("__", ".")), cls_name)
+    mixin = _kind_of_class(dense)
+    if mixin is None:
+        raise AttributeError(name)
+    return _sparse_class(dense, mixin)
 
 
 _SPARSE_CLASSES: dict[type, type] = {}  # a cache of generated classes, one per dense class

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,34 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["Spark3dCLI", "run_directory_trainer_kwargs"]
+__all__ = ["Spark3dCLI", "RunCSVLogger", "run_directory_trainer_kwargs"]
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv`` (a resumed run appends to it instead of deleting it)."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger writing ``metrics.csv`` straight into the run directory, appending across resumes."""
+
+    def __init__(self, save_dir: str | Path) -> None:
+        super().__init__(save_dir, name="", version="")
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def run_directory_trainer_kwargs(root: str | Path, config_trainer: dict[str, Any], monitor: str | None = None,
@@ -23,7 +51,7 @@ def run_directory_trainer_kwargs(root: str | Path, config_trainer: dict[str, Any
     root = Path(root)
     out: dict[str, Any] = {}
     if config_trainer.get("logger") in (None, True):
-        out["logger"] = [CSVLogger(root, name="", version=""), TensorBoardLogger(root, name="tensorboard", version="")]
+        out["logger"] = [RunCSVLogger(root), TensorBoardLogger(root, name="tensorboard", version="")]
     callbacks = list(config_trainer.get("callbacks") or [])
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         callbacks.append(

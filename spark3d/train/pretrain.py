@@ -69,6 +69,7 @@ class SparKPretrain(pl.LightningModule):
                            densify_norm=densify_norm, decoder_norm=decoder_norm, fusion=fusion,
                            norm_pix_loss=norm_pix_loss)
         self._figure_batch: torch.Tensor | None = None
+        self._figure_from_validation = False
         self._decay_groups: list[int] = []
 
     # ------------------------------------------------------------------------------ steps
@@ -83,8 +84,8 @@ class SparKPretrain(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = self._images(batch)
-        if batch_idx == 0:
-            self._figure_batch = x[:1].detach()
+        if batch_idx == 0 and not self._figure_from_validation:
+            self._figure_batch = x[:1].detach()  # a random, flipped crop: only when there is no validation data
         out = self.model(x)
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=x.shape[0])
@@ -92,6 +93,8 @@ class SparKPretrain(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._images(batch)
+        if batch_idx == 0:
+            self._figure_batch, self._figure_from_validation = x[:1].detach(), True  # centre crop, not flipped
         gen = torch.Generator().manual_seed(batch_idx)  # the same masks every validation
         mask = self.model.random_mask(x.shape[0], generator=gen).to(x.device)
         out = self.model(x, mask=mask)
