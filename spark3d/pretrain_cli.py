@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from .data.datalist import DataError
@@ -17,17 +19,25 @@ def run_pretrain(argv: list[str]) -> int:
     from .train.cli import Spark3dCLI
     from .train.pretrain import SparKPretrain
 
-    cli = Spark3dCLI(
-        SparKPretrain,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        run=False,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"use_distributed_sampler": False, "default_root_dir": "runs/pretrain", "log_every_n_steps": 1},
-        parser_kwargs={"prog": "spark3d pretrain", "description": HELP},
-    )
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    try:
+        cli = Spark3dCLI(
+            SparKPretrain,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            run=False,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"use_distributed_sampler": False, "default_root_dir": "runs/pretrain",
+                              "log_every_n_steps": 1},
+            parser_kwargs={"prog": "spark3d pretrain", "description": HELP, "allow_abbrev": False,
+                           "exit_on_error": False},
+        )
+    except (argparse.ArgumentError, ValueError) as err:
+        # a bad option, config key or value: one message, nothing written
+        print(f"spark3d pretrain: error: {err}\n(see `spark3d pretrain --help`)", file=sys.stderr)
+        return 2
     root = Path(cli.trainer.default_root_dir)
     existed = root.exists()
     try:

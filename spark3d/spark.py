@@ -17,7 +17,7 @@ from .decoder import LightDecoder
 from .encoders import HierarchicalEncoder
 from .layers import conv_nd, make_norm, norm_kind_of
 from .masking import mask_grid, random_mask, upsample_mask
-from .sparse import MaskContext, sparsify
+from .sparse import MaskContext, set_batchnorm_sync, sparsify
 
 __all__ = ["SparK", "SparKOutput", "patchify", "unpatchify"]
 
@@ -98,6 +98,9 @@ class SparK(nn.Module):
         for stride in encoder.strides:
             if any(c % s for c, s in zip(self.patch_size, stride)):
                 raise ValueError(f"encoder level stride {stride} does not divide the total stride {self.patch_size}")
+        for name, p in encoder.network.named_parameters():
+            if name.rpartition(".")[0] not in encoder.participating:
+                p.requires_grad_(False)  # heads and U-Net decoders never run while pretraining (DDP needs this)
         self.ctx = MaskContext()
         self._trusted = tuple(trusted)
         sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted)
@@ -131,6 +134,10 @@ class SparK(nn.Module):
         sparsify(self.encoder.network, self.ctx, only=self.encoder.participating, trusted=self._trusted)
         sparsify(self.densify_norms, self.ctx)
         sparsify(self.decoder, self.ctx)
+
+    def set_batchnorm_sync(self, enabled: bool = True) -> int:
+        """Sum BatchNorm statistics (visible sites only) over DDP processes, on CPU or GPU."""
+        return set_batchnorm_sync(self, enabled)
 
     # ---------------------------------------------------------------------------------- masks
     def random_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

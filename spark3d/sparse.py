@@ -34,6 +34,7 @@ __all__ = [
     "desparsify",
     "is_sparse",
     "find_unsafe_layers",
+    "set_batchnorm_sync",
 ]
 
 
@@ -187,14 +188,50 @@ class SparseNormMixin(SparseLayer):
         return out.view(b, y_packed.shape[1], *x.shape[2:])
 
 
+def _process_group(layer: nn.Module):
+    return getattr(layer, "process_group", None) or torch.distributed.group.WORLD
+
+
 def _needs_cross_process_sync(layer: nn.Module) -> bool:
+    """Batch statistics must be summed over processes: a SyncBatchNorm, or a BatchNorm marked for sync."""
     return (
-        isinstance(layer, nn.SyncBatchNorm)
+        (isinstance(layer, nn.SyncBatchNorm) or getattr(layer, "_sync_stats", False))
         and layer.training
         and torch.distributed.is_available()
         and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size(layer.process_group or torch.distributed.group.WORLD) > 1
+        and torch.distributed.get_world_size(_process_group(layer)) > 1
     )
+
+
+def set_batchnorm_sync(network: nn.Module, enabled: bool = True) -> int:
+    """Mark every converted BatchNorm of ``network`` to sum its statistics over DDP processes.
+
+    Works on CPU (gloo) and GPU alike, unlike ``torch.nn.SyncBatchNorm`` which DDP accepts on GPUs only.
+    Returns the number of layers marked.
+    """
+    count = 0
+    for module in network.modules():
+        if isinstance(module, SparseLayer) and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module._sync_stats = enabled
+            count += 1
+    return count
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the gradients over processes too."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _synced_batch_norm(layer: nn.SyncBatchNorm, packed: torch.Tensor) -> torch.Tensor:
@@ -204,13 +241,11 @@ def _synced_batch_norm(layer: nn.SyncBatchNorm, packed: torch.Tensor) -> torch.T
     variance over every visible site of every process normalise, the unbiased variance updates the
     running statistics, and gradients flow through the all-reduce.
     """
-    from torch.distributed.nn.functional import all_reduce
-
     c = packed.shape[1]
     v_cn = packed.transpose(0, 1).reshape(c, -1).float()
     count = torch.full((1,), float(v_cn.shape[1]), device=v_cn.device)
     stats = torch.cat([v_cn.sum(1), v_cn.pow(2).sum(1), count])
-    stats = all_reduce(stats, group=layer.process_group or torch.distributed.group.WORLD)
+    stats = _AllReduceSum.apply(stats, _process_group(layer))
     n = stats[-1]
     mean = stats[:c] / n
     var = (stats[c : 2 * c] / n - mean.pow(2)).clamp_min(0.0)
@@ -418,6 +453,7 @@ def desparsify(network: nn.Module) -> nn.Module:
             module.__class__ = module._dense_class
             module.__dict__.pop("_sparse_ctx", None)
             module.__dict__.pop("_channels_first", None)
+            module.__dict__.pop("_sync_stats", None)
     return network
 
 

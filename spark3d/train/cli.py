@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,5 +77,13 @@ class Spark3dCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs/default"
+        if config.get("sync_batchnorm") and hasattr(self.model, "model") and hasattr(self.model.model, "set_batchnorm_sync"):
+            # our sparse BatchNorm syncs visible-site statistics itself, on CPU (gloo) as on GPU; torch's
+            # SyncBatchNorm (what Lightning would swap in) is GPU-only and would not be sparse
+            n = self.model.model.set_batchnorm_sync(True)
+            kwargs["sync_batchnorm"] = False
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"spark3d: synchronising {n} sparse BatchNorm layers across processes (visible sites only)",
+                      file=sys.stderr)
         kwargs.update(run_directory_trainer_kwargs(root, config, self.monitor, self.monitor_mode))
         return super().instantiate_trainer(**kwargs)

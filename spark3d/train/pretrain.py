@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -39,18 +39,18 @@ class SparKPretrain(pl.LightningModule):
     def __init__(
         self,
         backbone: str = "segresnet",
-        source: str = "monai",
+        source: Literal["monai", "timm"] = "monai",
         spatial_dims: int = 3,
         in_channels: int = 1,
         backbone_kwargs: dict[str, Any] | None = None,
         input_size: Sequence[int] = (96, 96, 96),
         mask_ratio: float = 0.75,
         decoder_width: int | None = None,
-        densify_norm: str = "auto",
-        decoder_norm: str = "batch",
-        fusion: str = "add",
+        densify_norm: Literal["auto", "batch", "instance", "group", "layer", "none"] = "auto",
+        decoder_norm: Literal["batch", "instance", "group", "layer"] = "batch",
+        fusion: Literal["add", "concat"] = "add",
         norm_pix_loss: bool = True,
-        optimizer: str = "lamb",
+        optimizer: Literal["lamb", "adamw"] = "lamb",
         base_lr: float = 2e-4,
         lr: float | None = None,
         betas: Sequence[float] = (0.9, 0.95),
@@ -79,7 +79,7 @@ class SparKPretrain(pl.LightningModule):
         return x.as_tensor() if hasattr(x, "as_tensor") else x
 
     def on_fit_start(self) -> None:
-        # Lightning's sync_batchnorm swaps BatchNorm modules for plain SyncBatchNorm ones: make them sparse again
+        # if anything swapped layers (e.g. a SyncBatchNorm conversion by hand), make them sparse again
         self.model.resparsify()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
