@@ -124,3 +124,10 @@ def test_image_folder_module(tmp_path):
         dm2.train_ds[idx]
     with pytest.raises(DataError, match="holds no images"):
         ImageFolderData(str(tmp_path / "cats" / "none"), num_workers=0).validate() if (tmp_path / "cats" / "none").mkdir() is None else None
+
+
+def test_ram_cache_holds_preprocessed_volumes(ct_files):
+    dm = CTPretrainData(str(ct_files / "list.json"), roi_size=(16, 16, 16), spacing=(2.0, 2.0, 2.0), num_workers=0)
+    dm.setup("fit")
+    cached = dm.train_ds._cache[0]["image"]
+    assert isinstance(cached, torch.Tensor) and cached.ndim == 4 and float(cached.max()) <= 1.0

@@ -114,11 +114,12 @@ class CTPretrainData(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.validate()
         pre = self.preprocess()
-        train_tf = mt.Compose([pre, ct_pretrain_augment(self.roi_size, self.num_samples, self.flip_prob)])
+        # flattened: caching datasets cache up to the first random transform, and a nested Compose counts as one
+        train_tf = mt.Compose([pre, ct_pretrain_augment(self.roi_size, self.num_samples, self.flip_prob)]).flatten()
         self.train_ds = self._dataset(self._shard(self.train_files), train_tf)
         self.val_ds = None
         if self.val_files:
-            val_tf = mt.Compose([pre, mt.CenterSpatialCropd("image", roi_size=self.roi_size)])
+            val_tf = mt.Compose([pre, mt.CenterSpatialCropd("image", roi_size=self.roi_size)]).flatten()
             self.val_ds = self._dataset(self._shard(self.val_files), val_tf)
 
     def train_dataloader(self) -> md.DataLoader:
