@@ -198,11 +198,14 @@ def from_timm(
 
 
 def _monai_resnet(depth: int):
-    def make(spatial_dims: int, in_channels: int, **kw):
-        from monai.networks import nets
+    """MONAI's ``ResNetFeatures`` (conv1 stride 2, MedicalNet shortcuts): the very encoder of a
+    ``FlexibleUNet(backbone="resnetN")``, so pretrained weights load into it key for key."""
 
-        net = getattr(nets, f"resnet{depth}")(spatial_dims=spatial_dims, n_input_channels=in_channels, **kw)
-        return net
+    def make(spatial_dims: int, in_channels: int, **kw):
+        from monai.networks.nets.resnet import ResNetFeatures
+
+        kw.setdefault("pretrained", False)  # never download
+        return ResNetFeatures(f"resnet{depth}", spatial_dims=spatial_dims, in_channels=in_channels, **kw)
 
     return make
 

@@ -14,7 +14,7 @@ BACKBONES = {
     "timm-resnet18": (lambda: from_timm("resnet18"), (64, 64)),
     "timm-convnext_atto": (lambda: from_timm("convnext_atto"), (64, 64)),
     "monai-resnet18-2d": (lambda: from_monai("resnet18", spatial_dims=2, in_channels=1), (64, 64)),
-    "monai-resnet18-3d": (lambda: from_monai("resnet18", spatial_dims=3, in_channels=1), (32, 32, 32)),
+    "monai-resnet18-3d": (lambda: from_monai("resnet18", spatial_dims=3, in_channels=1), (64, 64, 64)),
     "monai-segresnet-3d": (lambda: from_monai("segresnet", spatial_dims=3, in_channels=1, init_filters=8), (32, 32, 32)),
     "monai-dynunet-3d": (
         lambda: from_monai("dynunet", spatial_dims=3, in_channels=1, strides=[1, 2, 2, (2, 2, 1)],

@@ -9,7 +9,7 @@ def test_check_backbone_reports_pass_for_timm(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "no leak         PASS" in out and "dense-equal     PASS" in out
-    assert "[(2, 2), (4, 4), (8, 8), (16, 16)]" in out  # MONAI ResNet in 2D
+    assert "[(4, 4), (8, 8), (16, 16), (32, 32)]" in out  # MONAI ResNet (FlexibleUNet encoder) in 2D
 
 
 def test_check_backbone_clear_error_for_bad_size(capsys):

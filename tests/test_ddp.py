@@ -70,7 +70,7 @@ def test_lightning_ddp_two_processes_identical_weights(tmp_path):
            "--data.init_args.batch_size", "1", "--trainer.default_root_dir", str(run),
            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.sync_batchnorm", "true",
            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
-           "--model.init_args.backbone", "resnet10", "--model.init_args.backbone_kwargs", '{"widen_factor": 0.25}',
+           "--model.init_args.backbone", "resnet10", "--model.init_args.backbone_kwargs", '{}',
            "--trainer.callbacks+=spark3d.train.callbacks.DDPConsistencyCheck"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
