@@ -34,10 +34,13 @@ def _check_backbone(argv: list[str]) -> int:
     return 0 if result.ok else 1
 
 
-def _pretrain(argv: list[str]) -> int:
-    from .pretrain_cli import run_pretrain
+def _command(name: str):
+    def run(argv: list[str]) -> int:
+        from . import commands
 
-    return run_pretrain(argv)
+        return getattr(commands, f"run_{name}")(argv)
+
+    return run
 
 
 def _demo(argv: list[str]) -> int:
@@ -48,7 +51,10 @@ def _demo(argv: list[str]) -> int:
 
 COMMANDS = {
     "demo": (_demo, "the embedded default: phantoms → SparK pretraining → encoder.pt + figures (CPU, minutes)"),
-    "pretrain": (_pretrain, "SparK pretraining (LightningCLI: --config F, dotted overrides, --print_config)"),
+    "pretrain": (_command("pretrain"), "SparK pretraining (LightningCLI: --config F, dotted overrides, --print_config)"),
+    "finetune": (_command("finetune"), "segmentation fine-tuning through MONAI (--model.init_args.pretrained encoder.pt)"),
+    "evaluate": (_command("evaluate"), "per-case, per-organ Dice at the original resolution → CSV + JSON"),
+    "predict": (_command("predict"), "label NIfTI in each input's space + overlay PNG"),
     "check-backbone": (_check_backbone, "tell whether a network is safe for sparse masking"),
 }
 
@@ -66,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spark3d: unknown command '{command}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     from .data.datalist import DataError
+    from .seg_networks import PretrainedMismatch
 
     try:
         return COMMANDS[command][0](rest)
-    except DataError as err:
+    except (DataError, PretrainedMismatch) as err:
         print(f"spark3d {command}: error: {err}", file=sys.stderr)
         return 2
 

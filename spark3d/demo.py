@@ -30,7 +30,7 @@ def run_demo(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from .data.phantoms import write_btcv_phantoms
-    from .pretrain_cli import run_pretrain
+    from .commands import run_pretrain
 
     out = Path(args.out)
     t0 = time.time()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -69,6 +70,51 @@ def save_reconstruction_figure(
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def save_overlay(
+    path: str | Path,
+    image_xyz: np.ndarray,
+    label_xyz: np.ndarray,
+    affine: np.ndarray,
+    label_names: Sequence[str] | None = None,
+    window: Sequence[float] | None = None,
+    title: str = "",
+) -> Path:
+    """Three orthogonal slices through the labelled region, label colours over the image (RAS display)."""
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
+    img = nib.orientations.apply_orientation(image_xyz, ornt)
+    lab = nib.orientations.apply_orientation(label_xyz, ornt).astype(np.int64)
+    lo, hi = window if window is not None else np.percentile(img, [1, 99])
+    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    centre = [int(round(c)) for c in np.argwhere(lab > 0).mean(0)] if (lab > 0).any() else None
+    views_img, views_lab = orthogonal_slices(img, centre), orthogonal_slices(lab, centre)
+    n_classes = max(int(lab.max()) + 1, len(label_names or []), 2)
+    cmap = plt.get_cmap("tab20", max(n_classes, 20))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, view in zip(axes, ("axial", "coronal", "sagittal")):
+        ax.imshow(views_img[view], cmap="gray", vmin=0, vmax=1, aspect="auto")
+        overlay = np.ma.masked_where(views_lab[view] == 0, views_lab[view])
+        ax.imshow(overlay, cmap=cmap, vmin=0, vmax=cmap.N - 1, alpha=0.55, interpolation="nearest", aspect="auto")
+        ax.set_title(view, fontsize=9)
+        ax.axis("off")
+    present = [c for c in np.unique(lab) if c > 0]
+    if label_names:
+        handles = [matplotlib.patches.Patch(color=cmap(c), label=label_names[c] if c < len(label_names) else str(c))
+                   for c in present]
+        fig.legend(handles=handles, loc="lower center", ncol=min(7, max(1, len(handles))), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -9,7 +9,7 @@ from monai import transforms as mt
 
 from .datalist import DataError
 
-__all__ = ["LoadVolumed", "ct_preprocess", "ct_pretrain_augment"]
+__all__ = ["LoadVolumed", "ct_preprocess", "ct_pretrain_augment", "segmentation_augment"]
 
 
 class LoadVolumed(mt.MapTransform):
@@ -38,24 +38,47 @@ class LoadVolumed(mt.MapTransform):
 def ct_preprocess(
     keys: Sequence[str] = ("image",),
     spacing: Sequence[float] | None = (1.5, 1.5, 2.0),
-    intensity_range: Sequence[float] = (-1000.0, 1000.0),
+    intensity_range: Sequence[float] | None = (-1000.0, 1000.0),
     roi_size: Sequence[int] | None = None,
     crop_foreground: bool = True,
+    track_meta: bool = False,
 ) -> mt.Compose:
-    """Load, RAS, resample, HU window → [0, 1], crop to foreground, pad to the ROI. Deterministic."""
+    """Load, RAS, resample, intensity → [0, 1] (HU window; ``None``: MRI z-score over non-zero voxels),
+    crop to foreground, pad to the ROI. Deterministic. ``track_meta`` keeps what is needed to invert it."""
     keys = list(keys)
     image_key = keys[0]
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
     steps = [LoadVolumed(keys), mt.Orientationd(keys, axcodes="RAS", labels=None)]
     if spacing is not None:
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
-    lo, hi = intensity_range
-    steps.append(mt.ScaleIntensityRanged(image_key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if intensity_range is not None:
+        lo, hi = intensity_range
+        steps.append(mt.ScaleIntensityRanged(image_key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        steps.append(mt.NormalizeIntensityd(image_key, nonzero=True, channel_wise=True))
     if crop_foreground:
-        steps.append(mt.CropForegroundd(keys, source_key=image_key, allow_smaller=True, margin=2))
+        select = (lambda x: x > 0) if intensity_range is not None else (lambda x: x != 0)
+        steps.append(mt.CropForegroundd(keys, source_key=image_key, select_fn=select, allow_smaller=True, margin=2))
     if roi_size is not None:
         steps.append(mt.SpatialPadd(keys, spatial_size=tuple(roi_size)))
-    steps.append(mt.EnsureTyped(keys, dtype=[np.float32] + [np.uint8] * (len(keys) - 1), track_meta=False))
+    if not track_meta:
+        steps.append(mt.EnsureTyped(keys, dtype=[np.float32] + [np.uint8] * (len(keys) - 1), track_meta=False))
+    return mt.Compose(steps)
+
+
+def segmentation_augment(roi_size: Sequence[int], num_samples: int = 4, intensity: bool = True) -> mt.Compose:
+    """The Swin UNETR / MONAI BTCV recipe: positive/negative crops, flips, rot90, intensity jitter."""
+    steps = [
+        mt.RandCropByPosNegLabeld(["image", "label"], label_key="label", spatial_size=tuple(roi_size), pos=1, neg=1,
+                                  num_samples=num_samples, image_key="image", image_threshold=0, allow_smaller=True),
+        mt.SpatialPadd(["image", "label"], spatial_size=tuple(roi_size)),
+        *[mt.RandFlipd(["image", "label"], prob=0.1, spatial_axis=a) for a in range(len(roi_size))],
+        mt.RandRotate90d(["image", "label"], prob=0.1, max_k=3),
+    ]
+    if intensity:
+        steps += [mt.RandScaleIntensityd("image", factors=0.1, prob=0.1),
+                  mt.RandShiftIntensityd("image", offsets=0.1, prob=0.1)]
+    steps.append(mt.EnsureTyped(["image", "label"], track_meta=False))
     return mt.Compose(steps)
 
 

@@ -1,5 +1,6 @@
 """Lightning modules for pretraining (and, later, segmentation fine-tuning)."""
 
 from .pretrain import ENCODER_FILE, SparKPretrain
+from .segment import SegmentationModule
 
-__all__ = ["SparKPretrain", "ENCODER_FILE"]
+__all__ = ["SparKPretrain", "SegmentationModule", "ENCODER_FILE"]

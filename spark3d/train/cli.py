@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["Spark3dCLI", "RunCSVLogger", "run_directory_trainer_kwargs"]
+__all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "run_fit", "run_directory_trainer_kwargs"]
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -64,15 +66,20 @@ def run_directory_trainer_kwargs(root: str | Path, config_trainer: dict[str, Any
 
 
 class Spark3dCLI(LightningCLI):
-    """LightningCLI with ``--ckpt_path``, ``data.roi_size`` → ``model.input_size``, and data checks first."""
+    """LightningCLI with ``--ckpt_path``, ``data.roi_size`` linked into the model, run-directory outputs."""
 
     monitor: str | None = None
     monitor_mode: str = "min"
+    links: dict[str, str] = {"data.init_args.roi_size": "model.init_args.input_size"}
+    extra_arguments: dict[str, dict[str, Any]] = {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="resume from this checkpoint ('last' = the run directory's last.ckpt)")
-        parser.link_arguments("data.init_args.roi_size", "model.init_args.input_size")
+                            help="checkpoint to resume from or to evaluate ('last' = the run directory's last.ckpt)")
+        for name, spec in self.extra_arguments.items():
+            parser.add_argument(name, **spec)
+        for source, target in self.links.items():
+            parser.link_arguments(source, target)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -87,3 +94,45 @@ class Spark3dCLI(LightningCLI):
                       file=sys.stderr)
         kwargs.update(run_directory_trainer_kwargs(root, config, self.monitor, self.monitor_mode))
         return super().instantiate_trainer(**kwargs)
+
+
+def make_cli(model_class: type, prog: str, description: str, argv: list[str], default_root_dir: str,
+             monitor: str | None = None, monitor_mode: str = "min", links: dict[str, str] | None = None,
+             extra_arguments: dict[str, dict[str, Any]] | None = None) -> Spark3dCLI:
+    """Parse ``argv`` into model, data module and trainer. Raises ``argparse.ArgumentError``/``ValueError``
+    for bad options, keys or values (nothing is written by then)."""
+    attrs = {"monitor": monitor, "monitor_mode": monitor_mode, "extra_arguments": extra_arguments or {}}
+    if links is not None:
+        attrs["links"] = links
+    cli_class = type("Spark3dCLI_" + prog.split()[-1], (Spark3dCLI,), attrs)
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    return cli_class(
+        model_class,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"use_distributed_sampler": False, "default_root_dir": default_root_dir, "log_every_n_steps": 1},
+        parser_kwargs={"prog": prog, "description": description, "allow_abbrev": False, "exit_on_error": False},
+    )
+
+
+def run_fit(cli: Spark3dCLI, what: str) -> int:
+    """Check the data, then fit; on bad data remove a run directory this run created (nothing half-written)."""
+    from ..data.datalist import DataError
+
+    root = Path(cli.trainer.default_root_dir)
+    existed = root.exists()
+    try:
+        if hasattr(cli.datamodule, "validate"):
+            cli.datamodule.validate()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    except DataError:
+        if not existed and cli.trainer.is_global_zero:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if cli.trainer.is_global_zero:
+        print(f"\n{what} finished; run directory: {root}", file=sys.stderr)
+    return 0

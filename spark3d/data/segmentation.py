@@ -1,0 +1,138 @@
+"""Lightning data module for segmentation fine-tuning (BTCV, MSD, phantoms): checked datalists,
+cached preprocessing, the standard augmentation, whole-volume validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import pytorch_lightning as pl
+from monai import data as md
+from monai import transforms as mt
+
+from .datalist import DataError, load_datalist
+from .prep import check_pair
+from .transforms import ct_preprocess, segmentation_augment
+
+__all__ = ["SegmentationData"]
+
+
+class SegmentationData(pl.LightningDataModule):
+    """Labelled volumes from a decathlon-style datalist (``training``, ``validation``; ``labels`` names).
+
+    Args:
+        datalist: JSON written by ``data_prep/btcv.py`` / ``data_prep/msd.py`` (or any such list).
+        num_classes: classes including background; labels above it are an error.
+        intensity: ``"ct"`` (HU window ``intensity_range`` → [0, 1]) or ``"mri"`` (z-score per channel).
+        roi_size, num_samples: training crops (positive/negative sampling) per volume.
+        check_labels: read every label once at start to check its values (and shapes/affines).
+    """
+
+    def __init__(
+        self,
+        datalist: str,
+        num_classes: int = 14,
+        roi_size: Sequence[int] = (96, 96, 96),
+        num_samples: int = 4,
+        batch_size: int = 1,
+        spacing: Sequence[float] | None = (1.5, 1.5, 2.0),
+        intensity: Literal["ct", "mri"] = "ct",
+        intensity_range: Sequence[float] = (-175.0, 250.0),
+        cache: Literal["ram", "disk", "none"] = "ram",
+        cache_dir: str | None = None,
+        num_workers: int = 2,
+        train_key: str = "training",
+        val_key: str | None = "validation",
+        check_labels: bool = True,
+        max_train_cases: int | None = None,
+    ) -> None:
+        super().__init__()
+        if cache == "disk" and not cache_dir:
+            raise DataError("data.cache 'disk' needs data.cache_dir")
+        self.datalist = datalist
+        self.num_classes = int(num_classes)
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.intensity = intensity
+        self.intensity_range = tuple(float(v) for v in intensity_range)
+        self.cache, self.cache_dir = cache, cache_dir
+        self.num_workers = int(num_workers)
+        self.train_key, self.val_key = train_key, val_key
+        self.check_labels = check_labels
+        self.max_train_cases = max_train_cases
+        self.train_files: list[dict] | None = None
+        self.val_files: list[dict] = []
+        self.label_names: list[str] = []
+
+    @property
+    def crops_per_batch(self) -> int:
+        return self.batch_size * self.num_samples
+
+    def metadata(self) -> dict[str, Any]:
+        return {"spacing": self.spacing, "intensity": self.intensity, "roi_size": self.roi_size,
+                "intensity_range": self.intensity_range if self.intensity == "ct" else None}
+
+    def validate(self, need_validation: bool = True) -> None:
+        """Resolve the datalist and check every pair before anything runs or is written."""
+        if self.train_files is not None:
+            return
+        path = Path(self.datalist)
+        train = load_datalist(path, self.train_key, keys=("image", "label"))
+        val = []
+        if self.val_key:
+            val = load_datalist(path, self.val_key, keys=("image", "label"), required=False)
+            if need_validation and not val:
+                raise DataError(
+                    f"datalist {path} has no '{self.val_key}' cases, but fine-tuning validates on them: make a split "
+                    "(data_prep/msd.py --val-fraction …) or set --data.init_args.val_key null and "
+                    "--trainer.limit_val_batches 0"
+                )
+        if self.max_train_cases is not None:
+            train = train[: self.max_train_cases]
+        if self.check_labels:
+            for entry in train + val:
+                check_pair(Path(self._first(entry["image"])), Path(entry["label"]), self.num_classes)
+        labels = json.loads(path.read_text()).get("labels", {})
+        self.label_names = [str(labels.get(str(i), f"class{i}")) for i in range(self.num_classes)]
+        self.train_files, self.val_files = train, val
+
+    @staticmethod
+    def _first(image: str | list[str]) -> str:
+        return image[0] if isinstance(image, list) else image
+
+    def preprocess(self, keys: Sequence[str] = ("image", "label"), track_meta: bool = False, pad: bool = True) -> mt.Compose:
+        window = self.intensity_range if self.intensity == "ct" else None
+        return ct_preprocess(keys, self.spacing, window, self.roi_size if pad else None, True, track_meta)
+
+    def _shard(self, files: list[dict], even: bool) -> list[dict]:
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world <= 1:
+            return files
+        return md.partition_dataset(files, num_partitions=world, shuffle=False, even_divisible=even)[trainer.global_rank]
+
+    def _dataset(self, files: list[dict], transform: mt.Compose) -> md.Dataset:
+        if self.cache == "ram":
+            return md.CacheDataset(files, transform=transform, progress=False, num_workers=None)
+        if self.cache == "disk":
+            return md.PersistentDataset(files, transform=transform, cache_dir=self.cache_dir)
+        return md.Dataset(files, transform=transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        need_val = self.trainer is None or bool(getattr(self.trainer, "limit_val_batches", 1))
+        self.validate(need_validation=need_val and bool(self.val_key))
+        train_tf = mt.Compose([self.preprocess(), segmentation_augment(self.roi_size, self.num_samples)]).flatten()
+        self.train_ds = self._dataset(self._shard(self.train_files, even=True), train_tf)
+        self.val_ds = self._dataset(self._shard(self.val_files, even=False), self.preprocess(pad=True)) if self.val_files else None
+
+    def train_dataloader(self) -> md.DataLoader:
+        return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                             persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        if self.val_ds is None:
+            return []
+        return md.DataLoader(self.val_ds, batch_size=1, num_workers=self.num_workers)

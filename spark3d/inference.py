@@ -1,0 +1,159 @@
+"""Whole-volume inference in the original image space: evaluate (Dice per case and organ) and predict."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import MetaTensor
+
+from .data.datalist import NIFTI_SUFFIXES, DataError, check_volume, load_datalist
+
+__all__ = ["load_checkpoint", "predict_volume", "evaluate", "predict", "dice_per_class"]
+
+
+def load_checkpoint(module: torch.nn.Module, ckpt_path: str | None) -> None:
+    """Load a Lightning checkpoint's weights into ``module`` (an error names a missing or foreign file)."""
+    if not ckpt_path:
+        raise DataError("--ckpt_path is required: the fine-tuned checkpoint to run (e.g. RUN/checkpoints/last.ckpt)")
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing, unexpected = module.load_state_dict(state.get("state_dict", {}), strict=False)
+    if missing or unexpected:
+        raise DataError(f"checkpoint {path} does not fit this config's network "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]})")
+    module.eval()
+
+
+def _case_name(path: str | list[str]) -> str:
+    name = Path(path[0] if isinstance(path, list) else path).name
+    for suffix in NIFTI_SUFFIXES[::-1]:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@torch.no_grad()
+def predict_volume(module, data_module, image: str | list[str]) -> np.ndarray:
+    """Label map (uint8) of one image, in the image's own voxel grid (preprocessing inverted)."""
+    pre = data_module.preprocess(keys=("image",), track_meta=True, pad=False)
+    item = pre({"image": image})
+    x = item["image"]
+    logits = module.sliding_window(x.as_tensor()[None].to(module.device).float())
+    prob = torch.softmax(logits[0].float(), 0).cpu()
+    item["pred"] = MetaTensor(prob, meta=x.meta, applied_operations=x.applied_operations)
+    inverted = mt.Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(item)
+    return inverted["pred"].argmax(0).numpy().astype(np.uint8)
+
+
+def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of classes 1..num_classes-1; NaN where the class is absent from the label."""
+    out = []
+    for c in range(1, num_classes):
+        p, g = pred == c, label == c
+        if not g.any():
+            out.append(math.nan)
+        else:
+            out.append(2.0 * np.logical_and(p, g).sum() / (p.sum() + g.sum()))
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def evaluate(module, data_module, ckpt_path: str | None, out: str, split: str = "validation") -> dict[str, Any]:
+    """Per-case, per-organ Dice at the original resolution → ``out/dice_per_case.csv`` and ``out/summary.json``."""
+    data_module.validate(need_validation=False)
+    cases = load_datalist(data_module.datalist, split, keys=("image", "label"))
+    load_checkpoint(module, ckpt_path)
+    names = list(getattr(data_module, "label_names", []) or [f"class{i}" for i in range(module.hparams.num_classes)])
+    rows = []
+    for case in cases:
+        pred = predict_volume(module, data_module, case["image"])
+        label = np.asanyarray(nib.load(case["label"]).dataobj).astype(np.int64)
+        if pred.shape != label.shape:
+            raise DataError(f"prediction for {case['image']} has shape {pred.shape}, label {label.shape}")
+        scores = dice_per_class(pred, label, module.hparams.num_classes)
+        rows.append((_case_name(case["image"]), scores))
+    organs = names[1:]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case", *organs, "mean"])
+    for case, scores in rows:
+        writer.writerow([case, *[("" if math.isnan(s) else f"{s:.4f}") for s in scores], f"{np.nanmean(scores):.4f}"])
+    table = np.array([scores for _, scores in rows], dtype=float)
+    per_organ = {o: {"mean": float(np.nanmean(table[:, i])) if (~np.isnan(table[:, i])).any() else None,
+                     "std": float(np.nanstd(table[:, i])) if (~np.isnan(table[:, i])).any() else None,
+                     "cases": int((~np.isnan(table[:, i])).sum())} for i, o in enumerate(organs)}
+    means = [v["mean"] for v in per_organ.values() if v["mean"] is not None]
+    summary = {"split": split, "cases": len(rows), "checkpoint": str(ckpt_path), "per_organ": per_organ,
+               "mean_dice": float(np.mean(means)) if means else None}
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "dice_per_case.csv", buf.getvalue())
+    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
+    lines = [f"{'organ':<26} {'Dice':>6}  cases"]
+    for organ, v in per_organ.items():
+        lines.append(f"{organ:<26} {('%.3f' % v['mean']) if v['mean'] is not None else '   -  ':>6}  {v['cases']}")
+    lines.append(f"{'mean':<26} {summary['mean_dice'] if summary['mean_dice'] is None else round(summary['mean_dice'], 3):>6}")
+    summary["table"] = "\n".join(lines)
+    return summary
+
+
+def _inputs(source: str) -> list[str]:
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        if not files:
+            raise DataError(f"input folder {path} holds no .nii/.nii.gz files")
+        return files
+    if not path.is_file():
+        raise DataError(f"input {path} does not exist")
+    return [str(path)]
+
+
+def predict(module, data_module, ckpt_path: str | None, source: str, out: str) -> list[Path]:
+    """Write ``<case>_seg.nii.gz`` (input's shape and affine) and ``<case>_overlay.png`` per input."""
+    from .viz import save_overlay
+
+    files = _inputs(source)
+    for f in files:
+        check_volume(f)  # every input is readable before anything is written
+    load_checkpoint(module, ckpt_path)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = getattr(data_module, "label_names", None)
+    written = []
+    for f in files:
+        original = nib.load(f)
+        label = predict_volume(module, data_module, f)
+        spatial = tuple(original.shape[:3])
+        if label.shape != spatial:
+            raise DataError(f"prediction for {f} has shape {label.shape}, expected {spatial}")
+        case = _case_name(f)
+        seg_path = out_dir / f"{case}_seg.nii.gz"
+        img = nib.Nifti1Image(label, original.affine)
+        img.set_qform(original.affine, code=1)
+        img.set_sform(original.affine, code=1)
+        nib.save(img, str(seg_path))
+        image = np.asanyarray(original.dataobj).astype(np.float32)
+        image = image[..., 0] if image.ndim == 4 else image
+        png = save_overlay(out_dir / f"{case}_overlay.png", image, label, original.affine, names,
+                           window=getattr(data_module, "intensity_range", None) if getattr(data_module, "intensity", "ct") == "ct" else None,
+                           title=case)
+        written += [seg_path, png]
+    return written

@@ -1,0 +1,161 @@
+"""Lightning module for segmentation fine-tuning: DiceCE, AdamW, warm-up + cosine, sliding-window Dice."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import pytorch_lightning as pl
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from pytorch_lightning.utilities import rank_zero_info
+
+from ..seg_networks import build_segmentation_network, encoder_module_of, load_pretrained_encoder
+from .schedules import warmup_cosine
+
+__all__ = ["SegmentationModule"]
+
+
+class SegmentationModule(pl.LightningModule):
+    """Fine-tunes a MONAI segmentation network, optionally from a SparK ``encoder.pt``.
+
+    Args:
+        backbone, source, spatial_dims, in_channels, backbone_kwargs: the same description as in pretraining.
+        num_classes: output classes including background.
+        pretrained: path of an ``encoder.pt`` to load into the network's encoder (by key).
+        roi_size: sliding-window size (linked to ``data.roi_size`` on the command line).
+        layer_decay: layer-wise lr decay for the encoder (1.0 = off): level ``k`` of ``K`` gets ``lr * decay**(K - k)``.
+        freeze_encoder_epochs: keep the encoder frozen for this many epochs first.
+        sw_overlap, sw_mode, sw_batch_size: sliding-window inference settings.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "segresnet",
+        source: Literal["monai"] = "monai",
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        num_classes: int = 14,
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        roi_size: Sequence[int] = (96, 96, 96),
+        lr: float = 1e-4,
+        weight_decay: float = 1e-5,
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.0,
+        layer_decay: float = 1.0,
+        freeze_encoder_epochs: int = 0,
+        sw_overlap: float = 0.5,
+        sw_mode: Literal["constant", "gaussian"] = "gaussian",
+        sw_batch_size: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.network = build_segmentation_network(backbone, spatial_dims, in_channels, num_classes, source, backbone_kwargs)
+        self.pretrained_report: dict[str, Any] | None = None
+        if pretrained:
+            self.pretrained_report = load_pretrained_encoder(self.network, pretrained, backbone, spatial_dims, in_channels)
+            rank_zero_info(f"spark3d: loaded {self.pretrained_report['matched']} pretrained tensors from {pretrained} "
+                           f"into the encoder of {type(self.network).__name__}")
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        self._dice_sum = torch.zeros(num_classes - 1)
+        self._dice_count = torch.zeros(num_classes - 1)
+        self.label_names = [f"class{i}" for i in range(num_classes)]
+
+    # ------------------------------------------------------------------------------ inference
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def sliding_window(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a whole volume by sliding-window inference over ``roi_size`` windows."""
+        hp = self.hparams
+        return sliding_window_inference(x, tuple(hp.roi_size), hp.sw_batch_size, self.network,
+                                        overlap=hp.sw_overlap, mode=hp.sw_mode)
+
+    # ------------------------------------------------------------------------------ steps
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "label_names", None)
+        if names and len(names) == self.hparams.num_classes:
+            self.label_names = list(names)
+
+    def on_train_epoch_start(self) -> None:
+        frozen = self.current_epoch < self.hparams.freeze_encoder_epochs
+        encoder, _ = encoder_module_of(self.network)
+        if encoder is self.network:
+            encoder = self._encoder_part()
+        for p in encoder.parameters():
+            p.requires_grad_(not frozen)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        loss = self.loss_fn(self.network(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._dice_sum = torch.zeros(self.hparams.num_classes - 1, device=self.device)
+        self._dice_count = torch.zeros(self.hparams.num_classes - 1, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x, y = batch["image"], batch["label"]
+        logits = self.sliding_window(x)
+        n = self.hparams.num_classes
+        pred = one_hot(logits.argmax(1, keepdim=True), n)
+        per_case = self.dice(pred, one_hot(y.long(), n))  # (B, C-1), NaN where the organ is absent
+        self.dice.reset()
+        valid = ~torch.isnan(per_case)
+        self._dice_sum += torch.where(valid, per_case, 0.0).sum(0)
+        self._dice_count += valid.sum(0)
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._dice_sum.clone(), reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._dice_count.clone(), reduce_op="sum")
+        per_class = total / count.clamp_min(1)
+        present = count > 0
+        mean = per_class[present].mean() if present.any() else torch.tensor(0.0, device=self.device)
+        self.log("val/mean_dice", mean, prog_bar=True, sync_dist=False)
+        for name, value, ok in zip(self.label_names[1:], per_class, present):
+            if ok:
+                self.log(f"val/dice/{name}", value, sync_dist=False)
+
+    # ------------------------------------------------------------------------------ optimisation
+    def _encoder_part(self) -> torch.nn.Module:
+        """The encoder modules of a full MONAI network (those the pretrained weights cover)."""
+        from ..encoders import _taps_for
+
+        taps = _taps_for(self.network)
+        names = {n.split(".")[0] for n in taps}
+        names |= {"convInit", "stem", "input_block", "conv1", "bn1"}
+        return torch.nn.ModuleList([m for n, m in self.network.named_children() if n in names])
+
+    def _param_groups(self) -> list[dict]:
+        hp = self.hparams
+        encoder, prefix = encoder_module_of(self.network)
+        if encoder is self.network:
+            encoder = self._encoder_part()
+        enc_ids = {id(p) for p in encoder.parameters()}
+        groups: dict[tuple[float, bool], list] = {}
+        order = [n for n, _ in self.network.named_parameters()]
+        for name, p in self.network.named_parameters():
+            scale = 1.0
+            if id(p) in enc_ids and hp.layer_decay != 1.0:
+                depth = order.index(name) / max(1, len(order))  # position along the network, 0 = input
+                scale = hp.layer_decay ** (4 * (1.0 - depth))
+            decay = p.ndim > 1
+            groups.setdefault((scale, decay), []).append(p)
+        return [{"params": ps, "lr": hp.lr * s, "lr_scale": s, "weight_decay": hp.weight_decay if d else 0.0}
+                for (s, d), ps in groups.items()]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self._param_groups(), lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, self.trainer.num_training_batches // max(1, self.trainer.accumulate_grad_batches))
+        warmup = min(int(round(hp.warmup_epochs * per_epoch)), total // 2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
