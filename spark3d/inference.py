@@ -136,7 +136,7 @@ def predict(module, data_module, ckpt_path: str | None, source: str, out: str) -
     load_checkpoint(module, ckpt_path)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = getattr(data_module, "label_names", None)
+    names = data_module.read_label_names() if hasattr(data_module, "read_label_names") else None
     written = []
     for f in files:
         original = nib.load(f)

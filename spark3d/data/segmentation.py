@@ -95,9 +95,17 @@ class SegmentationData(pl.LightningDataModule):
         if self.check_labels:
             for entry in train + val:
                 check_pair(Path(self._first(entry["image"])), Path(entry["label"]), self.num_classes)
-        labels = json.loads(path.read_text()).get("labels", {})
-        self.label_names = [str(labels.get(str(i), f"class{i}")) for i in range(self.num_classes)]
+        self.read_label_names()
         self.train_files, self.val_files = train, val
+
+    def read_label_names(self) -> list[str]:
+        """Class names from the datalist's ``labels`` (``class<i>`` where it names none)."""
+        try:
+            labels = json.loads(Path(self.datalist).read_text()).get("labels", {})
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"cannot read datalist {self.datalist}: {err}") from None
+        self.label_names = [str(labels.get(str(i), f"class{i}")) for i in range(self.num_classes)]
+        return self.label_names
 
     @staticmethod
     def _first(image: str | list[str]) -> str:

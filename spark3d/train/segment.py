@@ -140,11 +140,11 @@ class SegmentationModule(pl.LightningModule):
             encoder = self._encoder_part()
         enc_ids = {id(p) for p in encoder.parameters()}
         groups: dict[tuple[float, bool], list] = {}
-        order = [n for n, _ in self.network.named_parameters()]
-        for name, p in self.network.named_parameters():
+        params = list(self.network.named_parameters())
+        for position, (name, p) in enumerate(params):
             scale = 1.0
             if id(p) in enc_ids and hp.layer_decay != 1.0:
-                depth = order.index(name) / max(1, len(order))  # position along the network, 0 = input
+                depth = position / max(1, len(params))  # registration order approximates depth, 0 = input
                 scale = hp.layer_decay ** (4 * (1.0 - depth))
             decay = p.ndim > 1
             groups.setdefault((scale, decay), []).append(p)
