@@ -1,13 +1,14 @@
-"""Every shipped pretraining config parses and builds its model (no data, no GPU needed)."""
+"""Every shipped config parses and builds its model (no data, no GPU needed)."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-from spark3d.train import SparKPretrain
+from spark3d.train import SegmentationModule, SparKPretrain
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "pretrain").glob("*.yaml"))
+FINETUNE = sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.yaml"))
 
 
 def test_configs_exist():
@@ -26,3 +27,25 @@ def test_config_builds_its_model(path):
     module = SparKPretrain(**kwargs)
     grid = module.model.mask_grid
     assert all(g >= 2 for g in grid)
+
+
+@pytest.mark.parametrize("path", FINETUNE, ids=[p.stem for p in FINETUNE])
+def test_finetune_config_builds_its_network(path):
+    text = path.read_text()
+    assert text.startswith("#")
+    config = yaml.safe_load(text)
+    assert config["model"]["class_path"] == "spark3d.train.SegmentationModule"
+    assert config["data"]["class_path"] == "spark3d.data.SegmentationData"
+    kwargs = dict(config["model"]["init_args"])
+    kwargs["roi_size"] = config["data"]["init_args"]["roi_size"]
+    kwargs["num_classes"] = config["data"]["init_args"]["num_classes"]
+    module = SegmentationModule(**kwargs)
+    assert sum(p.numel() for p in module.parameters()) > 0
+
+
+def test_btcv_recipe_is_the_standard_one():
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "finetune" / "btcv.yaml").read_text())
+    data, model = config["data"]["init_args"], config["model"]["init_args"]
+    assert data["spacing"] == [1.5, 1.5, 2.0] and data["intensity_range"] == [-175.0, 250.0]
+    assert data["roi_size"] == [96, 96, 96] and data["num_samples"] == 4 and data["num_classes"] == 14
+    assert model["sw_overlap"] == 0.5
