@@ -35,14 +35,14 @@ def test_pretrain_outputs_resume_and_encoder_export(phantoms, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert "train/loss_step" in rows[0] and any(r["train/loss_step"] for r in rows)
+    assert "train/loss" in rows[0] and "train/loss_epoch" in rows[0] and any(r["train/loss"] for r in rows)
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
 
     # resume continues the step count, and the metrics of the first part are kept
     assert main(_args(phantoms, run, "--trainer.max_steps", "5", "--ckpt_path", "last")) == 0
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
     with (run / "metrics.csv").open() as f:
-        steps = [int(r["step"]) for r in csv.DictReader(f) if r["train/loss_step"]]
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]]
     assert steps[:3] == [0, 1, 2] and len(steps) == 5 and steps == sorted(set(steps))
 
     # encoder.pt: weights-only loadable, into the dense MONAI network by key, exactly the trained tensors
@@ -69,8 +69,11 @@ def test_print_config_resolves_links(phantoms, capsys):
     assert "backbone: segresnet" in out and "roi_size:\n    - 32" in out
 
 
-@pytest.mark.parametrize("problem", ["missing_file", "empty", "unknown_key"])
+@pytest.mark.parametrize("problem", ["missing_file", "empty", "unknown_key", "corrupt", "flat"])
 def test_bad_input_clear_message_nothing_written(phantoms, tmp_path, capsys, problem):
+    import nibabel as nib
+    import numpy as np
+
     datalist = tmp_path / "list.json"
     run = tmp_path / "run"
     extra = []
@@ -78,6 +81,12 @@ def test_bad_input_clear_message_nothing_written(phantoms, tmp_path, capsys, pro
         datalist.write_text(json.dumps({"training": [{"image": "gone/img0001.nii.gz"}]}))
     elif problem == "empty":
         datalist.write_text(json.dumps({"training": []}))
+    elif problem == "corrupt":
+        (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 truncated")
+        datalist.write_text(json.dumps({"training": [{"image": "broken.nii.gz"}]}))
+    elif problem == "flat":
+        nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), tmp_path / "slice.nii.gz")
+        datalist.write_text(json.dumps({"training": [{"image": "slice.nii.gz"}]}))
     else:
         datalist = phantoms
         extra = ["--model.init_args.mask_ration", "0.5"]
@@ -88,6 +97,7 @@ def test_bad_input_clear_message_nothing_written(phantoms, tmp_path, capsys, pro
     err = capsys.readouterr().err
     assert code == 2
     assert not run.exists()
-    expected = {"missing_file": "gone/img0001.nii.gz", "empty": "no 'training' cases", "unknown_key": "mask_ration"}[problem]
+    expected = {"missing_file": "gone/img0001.nii.gz", "empty": "no 'training' cases", "unknown_key": "mask_ration",
+                "corrupt": "broken.nii.gz", "flat": "expected a 3D volume"}[problem]
     assert expected in err
     assert "Traceback" not in err

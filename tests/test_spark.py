@@ -158,3 +158,16 @@ def test_densify_norm_follows_encoder_kind():
     assert model.densify_norm_kind == "group"  # SegResNet uses GroupNorm
     bn = SparK(from_monai("resnet10", spatial_dims=3, in_channels=1), (32, 32, 32), decoder_width=32)
     assert bn.densify_norm_kind == "batch"
+
+
+def test_bf16_autocast_on_cpu_keeps_masked_content_out():
+    model, size = tiny()
+    model.eval()
+    x = torch.randn(2, 1, *size)
+    mask = model.random_mask(2, generator=torch.Generator().manual_seed(5))
+    vis = upsample_mask(mask, size)
+    noisy = torch.where(vis, x, torch.randn_like(x) * 100)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = model(x, mask=mask), model(noisy, mask=mask)
+    assert a.pred.dtype == torch.bfloat16 and torch.isfinite(a.loss)
+    assert torch.equal(a.pred, b.pred)

@@ -87,7 +87,8 @@ class SparKPretrain(pl.LightningModule):
         if batch_idx == 0 and not self._figure_from_validation:
             self._figure_batch = x[:1].detach()  # a random, flipped crop: only when there is no validation data
         out = self.model(x)
-        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("train/loss_epoch", out.loss, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=x.shape[0])
         return out.loss
 
