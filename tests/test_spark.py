@@ -30,6 +30,21 @@ def smooth_volume(size, seed=0):
     return v
 
 
+def train_steps(model, x, steps, stop_at_half=False):
+    """AdamW steps on one batch; returns the losses (optionally stopping once the loss has halved)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(steps):
+        out = model(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+        if stop_at_half and step >= 20 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5:
+            break
+    return losses
+
+
 def test_output_contract_and_mask_grid():
     model, size = tiny(mask_ratio=0.75)
     assert model.mask_grid == (4, 4, 4)
@@ -115,15 +130,8 @@ def test_anisotropic_input_and_strides_train():
     model = SparK(enc, (64, 64, 32), mask_ratio=0.75, decoder_width=32)
     assert model.mask_grid == (8, 8, 16)
     x = smooth_volume((64, 64, 32))[None, None].repeat(2, 1, 1, 1, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(30):
-        out = model(x)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
-    assert out.pred.shape == x.shape
+    losses = train_steps(model, x, 30)
+    assert model(x).pred.shape == x.shape
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
@@ -131,16 +139,7 @@ def test_anisotropic_input_and_strides_train():
 def test_it_learns_loss_halves_within_200_steps(sd):
     model, size = tiny(sd, mask_ratio=0.6)
     x = smooth_volume(size)[None, None].repeat(2, 1, *[1] * sd)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for step in range(200):
-        out = model(x)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
-        if step >= 20 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5:
-            break
+    losses = train_steps(model, x, 200, stop_at_half=True)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses[::20]
 
 

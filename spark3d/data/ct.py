@@ -10,6 +10,7 @@ import torch
 from monai import data as md
 from monai import transforms as mt
 
+from .caching import cached_dataset, shard_for_rank
 from .datalist import DataError, check_volume, folder_datalist, load_datalist
 from .transforms import ct_pretrain_augment, ct_preprocess
 
@@ -91,23 +92,6 @@ class CTPretrainData(pl.LightningDataModule):
         self.train_files, self.val_files = train, val
 
     # ------------------------------------------------------------------------------ datasets
-    def _shard(self, files: list[dict]) -> list[dict]:
-        """This process's share of the files under DDP (so each rank caches only its own)."""
-        trainer = self.trainer
-        world = trainer.world_size if trainer is not None else 1
-        if world <= 1:
-            return files
-        if len(files) < world:
-            raise DataError(f"{len(files)} volumes cannot be shared among {world} processes")
-        return md.partition_dataset(files, num_partitions=world, shuffle=False, even_divisible=True)[trainer.global_rank]
-
-    def _dataset(self, files: list[dict], transform: mt.Compose) -> md.Dataset:
-        if self.cache == "ram":
-            return md.CacheDataset(files, transform=transform, progress=False, num_workers=None)
-        if self.cache == "disk":
-            return md.PersistentDataset(files, transform=transform, cache_dir=self.cache_dir)
-        return md.Dataset(files, transform=transform)
-
     def preprocess(self) -> mt.Compose:
         return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size)
 
@@ -116,11 +100,12 @@ class CTPretrainData(pl.LightningDataModule):
         pre = self.preprocess()
         # flattened: caching datasets cache up to the first random transform, and a nested Compose counts as one
         train_tf = mt.Compose([pre, ct_pretrain_augment(self.roi_size, self.num_samples, self.flip_prob)]).flatten()
-        self.train_ds = self._dataset(self._shard(self.train_files), train_tf)
+        self.train_ds = cached_dataset(shard_for_rank(self.train_files, self.trainer), train_tf, self.cache, self.cache_dir)
         self.val_ds = None
         if self.val_files:
             val_tf = mt.Compose([pre, mt.CenterSpatialCropd("image", roi_size=self.roi_size)]).flatten()
-            self.val_ds = self._dataset(self._shard(self.val_files), val_tf)
+            self.val_ds = cached_dataset(shard_for_rank(self.val_files, self.trainer, even=False), val_tf, self.cache,
+                                         self.cache_dir)
 
     def train_dataloader(self) -> md.DataLoader:
         return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,

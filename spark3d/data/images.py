@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from .caching import shard_for_rank
 from .datalist import DataError
 
 __all__ = ["ImageFolderData", "ImageFiles", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -105,15 +106,10 @@ class ImageFolderData(pl.LightningDataModule):
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
 
-    def _shard(self, files: list[Path]) -> list[Path]:
-        trainer = self.trainer
-        world = trainer.world_size if trainer is not None else 1
-        return files if world <= 1 else files[trainer.global_rank :: world]
-
     def setup(self, stage: str | None = None) -> None:
         self.validate()
-        self.train_ds = ImageFiles(self._shard(self.train_files), self.train_transform())
-        self.val_ds = ImageFiles(self._shard(self.val_files), self.val_transform()) if self.val_files else None
+        self.train_ds = ImageFiles(shard_for_rank(self.train_files, self.trainer), self.train_transform())
+        self.val_ds = ImageFiles(shard_for_rank(self.val_files, self.trainer, even=False), self.val_transform()) if self.val_files else None
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from monai import data as md
 from monai import transforms as mt
 
+from .caching import cached_dataset, shard_for_rank
 from .datalist import DataError, load_datalist
 from .prep import check_pair
 from .transforms import ct_preprocess, segmentation_augment
@@ -115,26 +116,14 @@ class SegmentationData(pl.LightningDataModule):
         window = self.intensity_range if self.intensity == "ct" else None
         return ct_preprocess(keys, self.spacing, window, self.roi_size if pad else None, True, track_meta)
 
-    def _shard(self, files: list[dict], even: bool) -> list[dict]:
-        trainer = self.trainer
-        world = trainer.world_size if trainer is not None else 1
-        if world <= 1:
-            return files
-        return md.partition_dataset(files, num_partitions=world, shuffle=False, even_divisible=even)[trainer.global_rank]
-
-    def _dataset(self, files: list[dict], transform: mt.Compose) -> md.Dataset:
-        if self.cache == "ram":
-            return md.CacheDataset(files, transform=transform, progress=False, num_workers=None)
-        if self.cache == "disk":
-            return md.PersistentDataset(files, transform=transform, cache_dir=self.cache_dir)
-        return md.Dataset(files, transform=transform)
-
     def setup(self, stage: str | None = None) -> None:
         need_val = self.trainer is None or bool(getattr(self.trainer, "limit_val_batches", 1))
         self.validate(need_validation=need_val and bool(self.val_key))
         train_tf = mt.Compose([self.preprocess(), segmentation_augment(self.roi_size, self.num_samples)]).flatten()
-        self.train_ds = self._dataset(self._shard(self.train_files, even=True), train_tf)
-        self.val_ds = self._dataset(self._shard(self.val_files, even=False), self.preprocess(pad=True)) if self.val_files else None
+        self.train_ds = cached_dataset(shard_for_rank(self.train_files, self.trainer), train_tf, self.cache,
+                                       self.cache_dir)
+        self.val_ds = cached_dataset(shard_for_rank(self.val_files, self.trainer, even=False), self.preprocess(pad=True),
+                                     self.cache, self.cache_dir) if self.val_files else None
 
     def train_dataloader(self) -> md.DataLoader:
         return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
