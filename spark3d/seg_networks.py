@@ -1,7 +1,8 @@
 """Segmentation networks from a backbone description, and loading a pretrained ``encoder.pt`` into them.
 
 SegResNet, DynUNet and MedNeXt fine-tune as the full MONAI network; ResNets become the encoder of a
-MONAI ``FlexibleUNet`` (whose encoder is the very ``ResNetFeatures`` that was pretrained). Weights load
+MONAI ``FlexibleUNet`` (whose encoder is the very ``ResNetFeatures`` that was pretrained), and so do
+ResNet-style timm networks in 2D (registered as FlexibleUNet backbones ``timm/<name>``). Weights load
 by key, with no renaming: into the whole network, or into ``FlexibleUNet.encoder``.
 """
 
@@ -14,9 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .encoders import MONAI_ENCODERS
+from .encoders import MONAI_ENCODERS, HierarchicalEncoder, from_timm
 
-__all__ = ["build_segmentation_network", "encoder_module_of", "load_pretrained_encoder", "PretrainedMismatch"]
+__all__ = [
+    "build_segmentation_network", "encoder_module_of", "load_pretrained_encoder", "register_timm_backbone",
+    "PretrainedMismatch",
+]
 
 
 class PretrainedMismatch(ValueError):
@@ -28,8 +32,15 @@ def build_segmentation_network(backbone: str, spatial_dims: int, in_channels: in
     """The MONAI segmentation network for a backbone name (same kwargs as in pretraining)."""
     kwargs = copy.deepcopy(backbone_kwargs or {})
     key = backbone.lower()
+    if source == "timm":
+        from monai.networks.nets import FlexibleUNet
+
+        if spatial_dims != 2:
+            raise ValueError(f"timm backbones are 2D; got spatial_dims={spatial_dims} for '{backbone}'")
+        return FlexibleUNet(in_channels, out_channels, backbone=register_timm_backbone(backbone), pretrained=False,
+                            spatial_dims=2, **kwargs)
     if source != "monai":
-        raise ValueError(f"fine-tuning builds MONAI networks; backbone source '{source}' ({backbone}) is not supported")
+        raise ValueError(f"unknown backbone source '{source}' ({backbone}); expected 'monai' or 'timm'")
     if key.startswith("resnet"):
         from monai.networks.nets import FlexibleUNet
 
@@ -45,8 +56,54 @@ def encoder_module_of(network: nn.Module) -> tuple[nn.Module, str]:
     from monai.networks.nets import FlexibleUNet
 
     if isinstance(network, FlexibleUNet):
+        if isinstance(network.encoder, HierarchicalEncoder):  # a registered timm backbone
+            return network.encoder.network, "encoder.network."
         return network.encoder, "encoder."
     return network, ""
+
+
+def register_timm_backbone(name: str) -> str:
+    """Register a ResNet-style timm network (levels at strides 2, 4, 8, 16, 32) as a MONAI FlexibleUNet
+    backbone ``timm/<name>``; its encoder is the unmodified timm model, so ``encoder.pt`` loads by key."""
+    from monai.networks.blocks import BaseEncoder
+    from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
+
+    key = f"timm/{name}"
+    if key in FLEXUNET_BACKBONE.register_dict:
+        return key
+    probe = from_timm(name, strides=_UNET_STRIDES)  # raises a clear error for nets without a stride-2 level
+    channels = tuple(probe.channels)
+
+    class TimmUNetEncoder(HierarchicalEncoder, BaseEncoder):
+        """A timm network tapped at strides 2..32, as FlexibleUNet wants its encoders."""
+
+        def __init__(self, model_name: str, spatial_dims: int, in_channels: int, pretrained: bool) -> None:
+            if pretrained:
+                raise ValueError("spark3d never downloads weights: load a SparK encoder.pt instead")
+            enc = from_timm(model_name, strides=_UNET_STRIDES, in_chans=in_channels)
+            HierarchicalEncoder.__init__(self, enc.network, enc.taps, 2, in_channels, meta=enc.meta)
+
+        @classmethod
+        def get_encoder_names(cls) -> list[str]:
+            return [key]
+
+        @classmethod
+        def num_outputs(cls) -> list[int]:
+            return [len(channels)]
+
+        @classmethod
+        def num_channels_per_output(cls) -> list[tuple[int, ...]]:
+            return [channels]
+
+        @classmethod
+        def get_encoder_parameters(cls) -> list[dict]:
+            return [{"model_name": name, "spatial_dims": 2, "in_channels": 3, "pretrained": False}]
+
+    FLEXUNET_BACKBONE.register_class(TimmUNetEncoder)
+    return key
+
+
+_UNET_STRIDES = (2, 4, 8, 16, 32)
 
 
 def load_pretrained_encoder(network: nn.Module, path: str | Path, backbone: str | None = None,

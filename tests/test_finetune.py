@@ -244,3 +244,26 @@ def test_finetune_without_validation_cases_is_refused(btcv_raw, tmp_path, capsys
     assert main(["finetune", *_ft_args(tmp_path / "noval.json", run, "--trainer.max_steps", "1")]) == 2
     assert "no 'validation' cases" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_timm_resnet_encoder_gets_a_monai_unet_decoder(tmp_path):
+    """2D: a SparK-pretrained timm ResNet loads by key into a FlexibleUNet encoder and segments."""
+    from spark3d import SparK
+    from spark3d.encoders import from_timm
+    from spark3d.seg_networks import encoder_module_of
+    from spark3d.train import SegmentationModule
+
+    spark = SparK(from_timm("resnet18"), (64, 64), decoder_width=32)
+    for p in spark.encoder.network.parameters():
+        p.data.normal_(0, 0.05)
+    state = spark.encoder_state_dict()
+    path = tmp_path / "timm_r18.pt"
+    torch.save({"state_dict": state, "meta": {"backbone": "resnet18", "spatial_dims": 2, "in_channels": 3}}, path)
+    module = SegmentationModule(backbone="resnet18", source="timm", spatial_dims=2, in_channels=3, num_classes=3,
+                                roi_size=(64, 64), pretrained=str(path))
+    assert type(module.network).__name__ == "FlexibleUNet"
+    target, prefix = encoder_module_of(module.network)
+    assert prefix == "encoder.network." and module.pretrained_report["matched"] == len(state)
+    for key, value in state.items():
+        assert torch.equal(target.state_dict()[key], value)
+    assert module(torch.randn(2, 3, 64, 64)).shape == (2, 3, 64, 64)

@@ -28,6 +28,8 @@ class SegmentationData(pl.LightningDataModule):
         intensity: ``"ct"`` (HU window ``intensity_range`` → [0, 1]) or ``"mri"`` (z-score per channel).
         roi_size, num_samples: training crops (positive/negative sampling) per volume.
         check_labels: read every label once at start to check its values (and shapes/affines).
+        crop_sampling: ``"posneg"`` (foreground/background, the BTCV recipe) or ``"classes"`` (every class equally).
+        max_train_cases: use only the first N training cases (label-efficiency studies).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class SegmentationData(pl.LightningDataModule):
         val_key: str | None = "validation",
         check_labels: bool = True,
         max_train_cases: int | None = None,
+        crop_sampling: Literal["posneg", "classes"] = "posneg",
     ) -> None:
         super().__init__()
         if cache == "disk" and not cache_dir:
@@ -64,6 +67,7 @@ class SegmentationData(pl.LightningDataModule):
         self.train_key, self.val_key = train_key, val_key
         self.check_labels = check_labels
         self.max_train_cases = max_train_cases
+        self.crop_sampling = crop_sampling
         self.train_files: list[dict] | None = None
         self.val_files: list[dict] = []
         self.label_names: list[str] = []
@@ -119,7 +123,8 @@ class SegmentationData(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         need_val = self.trainer is None or bool(getattr(self.trainer, "limit_val_batches", 1))
         self.validate(need_validation=need_val and bool(self.val_key))
-        train_tf = mt.Compose([self.preprocess(), segmentation_augment(self.roi_size, self.num_samples)]).flatten()
+        train_tf = mt.Compose([self.preprocess(), segmentation_augment(self.roi_size, self.num_samples, sampling=self.crop_sampling,
+                                                                num_classes=self.num_classes)]).flatten()
         self.train_ds = cached_dataset(shard_for_rank(self.train_files, self.trainer), train_tf, self.cache,
                                        self.cache_dir)
         self.val_ds = cached_dataset(shard_for_rank(self.val_files, self.trainer, even=False), self.preprocess(pad=True),

@@ -66,11 +66,23 @@ def ct_preprocess(
     return mt.Compose(steps)
 
 
-def segmentation_augment(roi_size: Sequence[int], num_samples: int = 4, intensity: bool = True) -> mt.Compose:
-    """The Swin UNETR / MONAI BTCV recipe: positive/negative crops, flips, rot90, intensity jitter."""
+def segmentation_augment(roi_size: Sequence[int], num_samples: int = 4, intensity: bool = True,
+                         sampling: str = "posneg", num_classes: int | None = None) -> mt.Compose:
+    """The Swin UNETR / MONAI BTCV recipe: positive/negative crops, flips, rot90, intensity jitter.
+
+    ``sampling="classes"`` centres crops on every class equally often instead (helps small organs).
+    """
+    keys = ["image", "label"]
+    if sampling == "classes":
+        crop = mt.RandCropByLabelClassesd(keys, label_key="label", spatial_size=tuple(roi_size), num_classes=num_classes,
+                                          num_samples=num_samples, allow_smaller=True, warn=False)
+    elif sampling == "posneg":
+        crop = mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(roi_size), pos=1, neg=1,
+                                         num_samples=num_samples, image_key="image", image_threshold=0, allow_smaller=True)
+    else:
+        raise ValueError(f"crop sampling must be 'posneg' or 'classes', got '{sampling}'")
     steps = [
-        mt.RandCropByPosNegLabeld(["image", "label"], label_key="label", spatial_size=tuple(roi_size), pos=1, neg=1,
-                                  num_samples=num_samples, image_key="image", image_threshold=0, allow_smaller=True),
+        crop,
         mt.SpatialPadd(["image", "label"], spatial_size=tuple(roi_size)),
         *[mt.RandFlipd(["image", "label"], prob=0.1, spatial_axis=a) for a in range(len(roi_size))],
         mt.RandRotate90d(["image", "label"], prob=0.1, max_k=3),

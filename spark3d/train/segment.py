@@ -34,7 +34,7 @@ class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
         backbone: str = "segresnet",
-        source: Literal["monai"] = "monai",
+        source: Literal["monai", "timm"] = "monai",
         spatial_dims: int = 3,
         in_channels: int = 1,
         num_classes: int = 14,
@@ -59,7 +59,8 @@ class SegmentationModule(pl.LightningModule):
             self.pretrained_report = load_pretrained_encoder(self.network, pretrained, backbone, spatial_dims, in_channels)
             rank_zero_info(f"spark3d: loaded {self.pretrained_report['matched']} pretrained tensors from {pretrained} "
                            f"into the encoder of {type(self.network).__name__}")
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        # batch=True: Dice over the whole batch, so crops without a small organ do not teach "never predict it"
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         self._dice_sum = torch.zeros(num_classes - 1)
         self._dice_count = torch.zeros(num_classes - 1)
