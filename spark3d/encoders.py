@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -111,7 +112,8 @@ class HierarchicalEncoder(nn.Module):
         was_training = {m: m.training for m in self.network.modules()}
         self.network.eval()
         try:
-            x = torch.zeros(1, self.in_channels, *probe)
+            device = next(self.network.parameters(), torch.empty(0)).device
+            x = torch.zeros(1, self.in_channels, *probe, device=device)
             feats = self._run(x)
         finally:
             self._called = None
@@ -133,7 +135,7 @@ class HierarchicalEncoder(nn.Module):
                     "expected a whole-number downsampling of every axis (try another probe_size)"
                 )
             strides[t] = tuple(p // s for p, s in zip(probe, size))
-        taps = sorted(taps, key=lambda t: (torch.tensor(strides[t]).prod().item(), order.index(t)))
+        taps = sorted(taps, key=lambda t: (math.prod(strides[t]), order.index(t)))
         channels = [int(feats[t].shape[1]) for t in taps]
         participating = set(called[: self._tap_marks[self._stop_tap]])  # what runs until the last tap
         return taps, channels, [strides[t] for t in taps], participating

@@ -179,8 +179,9 @@ class SparK(nn.Module):
         """Mask, encode, densify, decode and compute the masked-patch loss."""
         self._check_input(x, mask)
         mask = self.random_mask(x.shape[0]) if mask is None else mask.to(x.device)
-        feats = self.encode(x, mask)
-        pred = self.decoder(self.densify(feats, mask))
+        with self.ctx.use(mask):  # one context for both: per-resolution masks and indices are computed once
+            dense = self.densify(self.encode(x, mask), mask)
+        pred = self.decoder(dense)
         return SparKOutput(loss=self.loss(x, pred, mask), pred=pred, mask=mask)
 
     # ---------------------------------------------------------------------------------- loss

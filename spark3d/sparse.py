@@ -50,6 +50,7 @@ class MaskContext:
 
     def __init__(self) -> None:
         self._mask_b1g: torch.Tensor | None = None
+        self._visible_cells = 0
         self._cache: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -61,12 +62,17 @@ class MaskContext:
         return None if self._mask_b1g is None else self._mask_b1g.ndim - 2
 
     def set(self, mask_b1g: torch.Tensor | None) -> None:
+        """Make ``mask_b1g`` current (``None``: dense mode). Setting the current mask again keeps the cache."""
+        if mask_b1g is self._mask_b1g:
+            return
+        self._visible_cells = 0
         if mask_b1g is not None:
             if mask_b1g.dtype != torch.bool or mask_b1g.ndim < 3 or mask_b1g.shape[1] != 1:
                 raise ValueError(f"mask must be a bool tensor (B, 1, *grid), got {mask_b1g.dtype} {tuple(mask_b1g.shape)}")
-            counts = mask_b1g.flatten(1).sum(1)
-            if bool((counts != counts[0]).any()):
+            counts = mask_b1g.flatten(1).sum(1).tolist()  # the one host sync per mask
+            if any(c != counts[0] for c in counts):
                 raise ValueError("every sample of a mask must have the same number of visible cells")
+            self._visible_cells = int(counts[0])
         self._mask_b1g = mask_b1g
         self._cache = {}
 
@@ -103,7 +109,7 @@ class MaskContext:
         key = ("index", tuple(size))
         if key not in self._cache:
             mask_bn = self.mask_at(size).flatten(1)
-            k = int(self._mask_b1g[0].sum()) * (mask_bn.shape[1] // self._mask_b1g[0].numel())
+            k = self._visible_cells * (mask_bn.shape[1] // self._mask_b1g[0].numel())
             order_bn = torch.sort((~mask_bn).to(torch.uint8), dim=1, stable=True).indices
             self._cache[key] = order_bn[:, None, :k]
         return self._cache[key]

@@ -14,7 +14,7 @@ from monai import transforms as mt
 from .caching import cached_dataset, shard_for_rank
 from .datalist import DataError, load_datalist
 from .prep import check_pair
-from .transforms import ct_preprocess, segmentation_augment
+from .transforms import crop_indices, ct_preprocess, segmentation_augment
 
 __all__ = ["SegmentationData"]
 
@@ -123,7 +123,7 @@ class SegmentationData(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         need_val = self.trainer is None or bool(getattr(self.trainer, "limit_val_batches", 1))
         self.validate(need_validation=need_val and bool(self.val_key))
-        train_tf = mt.Compose([self.preprocess(), segmentation_augment(self.roi_size, self.num_samples, sampling=self.crop_sampling,
+        train_tf = mt.Compose([self.preprocess(), crop_indices(self.crop_sampling, self.num_classes), segmentation_augment(self.roi_size, self.num_samples, sampling=self.crop_sampling,
                                                                 num_classes=self.num_classes)]).flatten()
         self.train_ds = cached_dataset(shard_for_rank(self.train_files, self.trainer), train_tf, self.cache,
                                        self.cache_dir)

@@ -9,7 +9,7 @@ from monai import transforms as mt
 
 from .datalist import DataError
 
-__all__ = ["LoadVolumed", "ct_preprocess", "ct_pretrain_augment", "segmentation_augment"]
+__all__ = ["LoadVolumed", "ct_preprocess", "ct_pretrain_augment", "crop_indices", "segmentation_augment"]
 
 
 class LoadVolumed(mt.MapTransform):
@@ -66,6 +66,13 @@ def ct_preprocess(
     return mt.Compose(steps)
 
 
+def crop_indices(sampling: str = "posneg", num_classes: int | None = None) -> mt.MapTransform:
+    """Voxel indices the random crops sample from, computed once (deterministic, so it is cached)."""
+    if sampling == "classes":
+        return mt.ClassesToIndicesd("label", num_classes=num_classes)
+    return mt.FgBgToIndicesd("label", image_key="image", image_threshold=0)
+
+
 def segmentation_augment(roi_size: Sequence[int], num_samples: int = 4, intensity: bool = True,
                          sampling: str = "posneg", num_classes: int | None = None) -> mt.Compose:
     """The Swin UNETR / MONAI BTCV recipe: positive/negative crops, flips, rot90, intensity jitter.
@@ -75,10 +82,12 @@ def segmentation_augment(roi_size: Sequence[int], num_samples: int = 4, intensit
     keys = ["image", "label"]
     if sampling == "classes":
         crop = mt.RandCropByLabelClassesd(keys, label_key="label", spatial_size=tuple(roi_size), num_classes=num_classes,
-                                          num_samples=num_samples, allow_smaller=True, warn=False)
+                                          num_samples=num_samples, allow_smaller=True, warn=False,
+                                          indices_key="label_cls_indices")
     elif sampling == "posneg":
         crop = mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(roi_size), pos=1, neg=1,
-                                         num_samples=num_samples, image_key="image", image_threshold=0, allow_smaller=True)
+                                         num_samples=num_samples, image_key="image", image_threshold=0, allow_smaller=True,
+                                         fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices")
     else:
         raise ValueError(f"crop sampling must be 'posneg' or 'classes', got '{sampling}'")
     steps = [

@@ -132,7 +132,7 @@ class SegmentationModule(pl.LightningModule):
 
         taps = _taps_for(self.network)
         names = {n.split(".")[0] for n in taps}
-        names |= {"convInit", "stem", "input_block", "conv1", "bn1"}
+        names |= {"convInit", "stem", "input_block", "down_blocks"}  # stems and downsamplers between taps
         return torch.nn.ModuleList([m for n, m in self.network.named_children() if n in names])
 
     def _param_groups(self) -> list[dict]:
