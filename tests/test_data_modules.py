@@ -24,8 +24,8 @@ def ct_files(tmp_path):
     vol[5:12, 5:25, 2:10] = 300  # a bright slab at low i
     # i runs posterior→anterior (+y) at 1 mm, j runs right→left (−x) at 1.2 mm, k superior at 4 mm
     affine = np.array([[0, -1.2, 0, 0], [1.0, 0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 1]])
-    big = _write(tmp_path / "big.nii.gz", vol, affine)
-    small = _write(tmp_path / "small.nii.gz", np.full((10, 8, 3), 100, np.int16), np.diag([2.0, 2.0, 5.0, 1]))
+    _write(tmp_path / "big.nii.gz", vol, affine)
+    _write(tmp_path / "small.nii.gz", np.full((10, 8, 3), 100, np.int16), np.diag([2.0, 2.0, 5.0, 1]))
     (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "big.nii.gz"}, {"image": "small.nii.gz"}],
                                                     "validation": [{"image": "big.nii.gz"}]}))
     return tmp_path

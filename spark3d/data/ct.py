@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
-import torch
 from monai import data as md
 from monai import transforms as mt
 

@@ -12,7 +12,6 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
