@@ -71,8 +71,8 @@ def folder_datalist(folder: str | Path) -> list[dict]:
     return [{"image": str(p)} for p in files]
 
 
-def check_volume(path: str | Path, spatial_dims: int = 3) -> tuple[int, ...]:
-    """Read a NIfTI header and check it holds a volume of ``spatial_dims`` axes; returns its shape."""
+def check_volume(path: str | Path, spatial_dims: int = 3):
+    """Read a NIfTI header and check it holds a volume of ``spatial_dims`` axes; returns the (lazy) nibabel image."""
     import nibabel as nib
 
     try:
@@ -80,7 +80,6 @@ def check_volume(path: str | Path, spatial_dims: int = 3) -> tuple[int, ...]:
         shape = tuple(int(s) for s in img.shape)
     except Exception as err:  # nibabel raises several types for unreadable files
         raise DataError(f"cannot read {path} as NIfTI: {err}") from None
-    spatial = [s for s in shape[:3]]
-    if len(shape) < spatial_dims or any(s <= 1 for s in spatial[:spatial_dims]):
+    if len(shape) < spatial_dims or any(s <= 1 for s in shape[:spatial_dims]):
         raise DataError(f"{path} has shape {shape}; expected a {spatial_dims}D volume (every spatial axis > 1)")
-    return shape
+    return img

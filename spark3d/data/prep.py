@@ -13,7 +13,6 @@ import random
 import re
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from .datalist import DataError, check_volume
@@ -37,15 +36,13 @@ def check_pair(image: Path, label: Path, num_classes: int) -> None:
     for path, what in ((image, "image"), (label, "label")):
         if not path.is_file():
             raise DataError(f"{what} file {path} does not exist")
-    img_shape = check_volume(image)
-    lab_shape = check_volume(label)
-    if tuple(img_shape[:3]) != tuple(lab_shape[:3]):
-        raise DataError(f"label {label} has shape {lab_shape[:3]} but its image {image} has {img_shape[:3]}")
-    img_aff, lab_aff = nib.load(str(image)).affine, nib.load(str(label)).affine
-    if not np.allclose(img_aff, lab_aff, atol=1e-3):
+    img, lab = check_volume(image), check_volume(label)
+    if tuple(img.shape[:3]) != tuple(lab.shape[:3]):
+        raise DataError(f"label {label} has shape {tuple(lab.shape[:3])} but its image {image} has {tuple(img.shape[:3])}")
+    if not np.allclose(img.affine, lab.affine, atol=1e-3):
         raise DataError(f"label {label} and image {image} have different affines (voxel-to-world mappings)")
     try:
-        values = np.unique(np.asanyarray(nib.load(str(label)).dataobj))
+        values = np.unique(np.asanyarray(lab.dataobj))
     except Exception as err:
         raise DataError(f"cannot read label {label}: {err}") from None
     if values.min() < 0 or values.max() > num_classes - 1 or not np.allclose(values, np.round(values)):

@@ -84,6 +84,8 @@ class SegmentationModule(pl.LightningModule):
             self.label_names = list(names)
 
     def on_train_epoch_start(self) -> None:
+        if self.current_epoch > self.hparams.freeze_encoder_epochs:
+            return  # only the epochs that freeze, and the one that unfreezes, change anything
         frozen = self.current_epoch < self.hparams.freeze_encoder_epochs
         encoder, _ = encoder_module_of(self.network)
         if encoder is self.network:
