@@ -103,7 +103,7 @@ class SparK(nn.Module):
                 p.requires_grad_(False)  # heads and U-Net decoders never run while pretraining (DDP needs this)
         self.ctx = MaskContext()
         self._trusted = tuple(trusted)
-        sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted)
+        sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted)  # refuse early
 
         width = decoder_width if decoder_width is not None else (768 if sd <= 2 else 256)
         self.decoder = LightDecoder(encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm, fusion=fusion)
@@ -115,8 +115,6 @@ class SparK(nn.Module):
         self.densify_norms = nn.ModuleList(
             [nn.Identity() if kind == "none" else make_norm(kind, c, sd) for c in encoder.channels]
         )
-        sparsify(self.densify_norms, self.ctx)
-        sparsify(self.decoder, self.ctx)  # runs with no mask (dense), but syncs BatchNorm on any device
         self.mask_tokens = nn.ParameterList(
             [nn.Parameter(torch.zeros(1, c, *([1] * sd))) for c in encoder.channels]
         )
@@ -128,9 +126,11 @@ class SparK(nn.Module):
                 for k, (c, w) in enumerate(zip(encoder.channels, widths))
             ]
         )
+        self.resparsify()
 
     def resparsify(self) -> None:
-        """Convert again after something replaced layers (e.g. Lightning's SyncBatchNorm conversion)."""
+        """Convert encoder, densify norms and decoder (the decoder runs dense but syncs BatchNorm on any
+        device); idempotent, so it also repairs layers something replaced (e.g. a SyncBatchNorm swap)."""
         sparsify(self.encoder.network, self.ctx, only=self.encoder.participating, trusted=self._trusted)
         sparsify(self.densify_norms, self.ctx)
         sparsify(self.decoder, self.ctx)
