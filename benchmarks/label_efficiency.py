@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from spark3d.commands import run_evaluate, run_finetune, run_pretrain
+from spark3d.cli.commands import run_evaluate, run_finetune, run_pretrain
 from spark3d.data.phantoms import write_btcv_phantoms
 
 CONFIGS = Path(__file__).parents[1] / "configs"

@@ -1,6 +1,8 @@
 """spark3d: sparse masked modeling (SparK) for 2D and 3D convnets, with MONAI fine-tuning."""
 
-from .spark import SparK, SparKOutput
-
 __version__ = "0.1.0"
-__all__ = ["SparK", "SparKOutput", "__version__"]
+
+from .encoders import HierarchicalEncoder, from_monai, from_timm  # noqa: E402
+from .methods import SparK, SparKOutput  # noqa: E402
+
+__all__ = ["SparK", "SparKOutput", "HierarchicalEncoder", "from_timm", "from_monai", "__version__"]

@@ -8,9 +8,10 @@ from typing import Sequence
 
 import torch
 
-from .encoders import MONAI_ENCODERS, HierarchicalEncoder, make_encoder
+from .backbones import BackboneSpec, find
+from .encoders import HierarchicalEncoder, from_spec
 from .masking import upsample_mask
-from .spark import SparK
+from .methods import SparK
 
 __all__ = ["CheckResult", "relative_difference", "leak_difference", "dense_difference", "check_backbone", "build_encoder"]
 
@@ -85,10 +86,12 @@ class CheckResult:
 
 
 def build_encoder(name: str, spatial_dims: int | None = None, in_channels: int | None = None) -> HierarchicalEncoder:
-    """An encoder from a MONAI name (``resnet18``, ``segresnet``, …) or otherwise a timm model name."""
-    if name.lower() in MONAI_ENCODERS:
-        return make_encoder("monai", name, spatial_dims or 3, in_channels or 1)
-    return make_encoder("timm", name.removeprefix("timm/"), spatial_dims or 2, in_channels or 3)
+    """An encoder from a backbone-table name (``resnet18``, ``segresnet``, …; ``source/name`` forces the source),
+    any other name being a timm model; 2D with 3 channels for 2D-only families, else 3D with 1 channel."""
+    spec = find(name)
+    dims = spec.entry.spatial_dims
+    sd = spatial_dims or (3 if 3 in dims else dims[0])
+    return from_spec(BackboneSpec(spec.name, spec.source, sd, in_channels or (1 if 3 in dims else 3)))
 
 
 def check_backbone(

@@ -3,8 +3,8 @@
 :class:`HierarchicalEncoder` runs the wrapped network's own ``forward``, captures the outputs of the
 tapped submodules with forward hooks and stops right after the last one (a U-Net's decoder never
 runs). A probe pass at construction measures each level's channels and per-axis stride and records
-which modules take part in encoding (those are converted, checked and exported).
-:func:`from_timm` and :func:`from_monai` build encoders from the networks users already have.
+which modules take part in encoding (those are converted, checked and exported), and at which level.
+:func:`from_timm`, :func:`from_monai` and :func:`from_spec` build encoders from the backbone table.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "make_encoder", "MONAI_ENCODERS"]
+from .backbones import BackboneSpec, build_network, lookup, registered, timm_taps
+
+__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_spec", "make_encoder"]
 
 
 class _StopEncoding(Exception):
@@ -79,7 +81,7 @@ class HierarchicalEncoder(nn.Module):
             modules[name].register_forward_hook(_TapHook(self, name))
         probe = probe_size if probe_size is not None else 64
         probe = (probe,) * self.spatial_dims if isinstance(probe, int) else tuple(probe)
-        self.taps, self.channels, self.strides, self.participating = self._probe(list(taps), probe)
+        self.taps, self.channels, self.strides, self.participating, self.module_levels = self._probe(list(taps), probe)
 
     def _on_tap(self, name: str, output: Any) -> None:
         if self._capture is None:
@@ -137,8 +139,13 @@ class HierarchicalEncoder(nn.Module):
             strides[t] = tuple(p // s for p, s in zip(probe, size))
         taps = sorted(taps, key=lambda t: (math.prod(strides[t]), order.index(t)))
         channels = [int(feats[t].shape[1]) for t in taps]
-        participating = set(called[: self._tap_marks[self._stop_tap]])  # what runs until the last tap
-        return taps, channels, [strides[t] for t in taps], participating
+        stop = self._tap_marks[self._stop_tap]
+        participating = set(called[:stop])  # what runs until the last tap
+        marks = [self._tap_marks[t] for t in taps]  # call counts at which each level's output was ready
+        levels: dict[str, int] = {}
+        for position, name in enumerate(called[:stop]):  # a module's level: the first level whose output follows it
+            levels.setdefault(name, next(k for k, mark in enumerate(marks) if position < mark))
+        return taps, channels, [strides[t] for t in taps], participating, levels
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         captured = self._run(x)
@@ -153,6 +160,11 @@ class HierarchicalEncoder(nn.Module):
                 out[key] = value
         return out
 
+    def level_of(self, key: str) -> int | None:
+        """Encoder level (0 = finest) of a parameter or buffer key of the dense network; None outside the encoder."""
+        owner = key.rsplit(".", 1)[0] if "." in key else ""
+        return self.module_levels.get(owner)
+
     def build_dense(self) -> nn.Module:
         """A freshly built dense network of the same architecture (random weights)."""
         if self._builder is None:
@@ -161,8 +173,18 @@ class HierarchicalEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# timm
+# constructors over the backbone table
 # --------------------------------------------------------------------------------------------
+
+
+def from_spec(spec: BackboneSpec, probe_size: int | Sequence[int] | None = None) -> HierarchicalEncoder:
+    """Encoder over the network a description names, tapped as its backbone-table entry says."""
+    builder = functools.partial(build_network, spec)  # picklable: a fresh dense copy, for export
+    network = builder()
+    meta = {"source": spec.source, "name": spec.name, "spatial_dims": spec.spatial_dims,
+            "in_channels": spec.in_channels, "kwargs": dict(spec.kwargs)}
+    return HierarchicalEncoder(network, spec.entry.taps(network), spec.spatial_dims, spec.in_channels,
+                               probe_size=probe_size, builder=builder, meta=meta)
 
 
 def from_timm(
@@ -173,100 +195,12 @@ def from_timm(
     **kwargs: Any,
 ) -> HierarchicalEncoder:
     """Encoder over a timm convnet (random init; no download), tapped at the given total strides."""
-    import timm
-
-    kwargs.setdefault("pretrained", False)
-
-    build = functools.partial(timm.create_model, name, in_chans=in_chans, **kwargs)  # picklable
-    network = build()
-    if not hasattr(network, "forward_intermediates") or not hasattr(network, "feature_info"):
-        raise ValueError(f"timm model '{name}' has no forward_intermediates/feature_info; it is not a supported convnet")
-    info = network.feature_info
-    info = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-    by_reduction = {}
-    for level in info:
-        by_reduction[int(level["reduction"])] = level["module"]  # the last module at each reduction wins
-    missing = [s for s in strides if s not in by_reduction]
-    if missing:
-        raise ValueError(f"timm model '{name}' has no feature level at stride {missing}; it has {sorted(by_reduction)}")
-    taps = [by_reduction[s] for s in strides]
+    spec = BackboneSpec(name, "timm", 2, in_chans, dict(kwargs))
+    builder = functools.partial(build_network, spec)
+    network = builder()
     meta = {"source": "timm", "name": name, "spatial_dims": 2, "in_channels": in_chans, "kwargs": dict(kwargs)}
-    return HierarchicalEncoder(network, taps, 2, in_chans, probe_size=probe_size, builder=build, meta=meta)
-
-
-# --------------------------------------------------------------------------------------------
-# MONAI
-# --------------------------------------------------------------------------------------------
-
-
-def _monai_resnet(depth: int):
-    """MONAI's ``ResNetFeatures`` (conv1 stride 2, MedicalNet shortcuts): the very encoder of a
-    ``FlexibleUNet(backbone="resnetN")``, so pretrained weights load into it key for key."""
-
-    def make(spatial_dims: int, in_channels: int, **kw):
-        from monai.networks.nets.resnet import ResNetFeatures
-
-        kw.setdefault("pretrained", False)  # never download
-        return ResNetFeatures(f"resnet{depth}", spatial_dims=spatial_dims, in_channels=in_channels, **kw)
-
-    return make
-
-
-def _monai_segresnet(spatial_dims: int, in_channels: int, **kw):
-    from monai.networks.nets import SegResNet
-
-    kw.setdefault("out_channels", 2)
-    return SegResNet(spatial_dims=spatial_dims, in_channels=in_channels, **kw)
-
-
-def _monai_dynunet(spatial_dims: int, in_channels: int, **kw):
-    from monai.networks.nets import DynUNet
-
-    strides = kw.pop("strides", [1, 2, 2, 2, 2])
-    kernel_size = kw.pop("kernel_size", [3] * len(strides))
-    upsample = kw.pop("upsample_kernel_size", strides[1:])
-    kw.setdefault("out_channels", 2)
-    return DynUNet(spatial_dims, in_channels, kernel_size=kernel_size, strides=strides, upsample_kernel_size=upsample, **kw)
-
-
-def _monai_mednext(spatial_dims: int, in_channels: int, **kw):
-    from monai.networks.nets import MedNeXt
-
-    kw.setdefault("out_channels", 2)
-    return MedNeXt(spatial_dims=spatial_dims, in_channels=in_channels, **kw)
-
-
-def _taps_for(network: nn.Module) -> list[str]:
-    """Level names of the MONAI networks we know, from the instance's own structure."""
-    from monai.networks.nets import DynUNet, MedNeXt, ResNet, SegResNet
-
-    if isinstance(network, ResNet):
-        return ["layer1", "layer2", "layer3", "layer4"]
-    if isinstance(network, SegResNet):
-        return [f"down_layers.{i}" for i in range(len(network.down_layers))]
-    if isinstance(network, DynUNet):
-        return ["input_block"] + [f"downsamples.{i}" for i in range(len(network.downsamples))] + ["bottleneck"]
-    if isinstance(network, MedNeXt):
-        return [f"enc_stages.{i}" for i in range(len(network.enc_stages))] + ["bottleneck"]
-    raise ValueError(
-        f"no default taps for {type(network).__name__}; wrap it with HierarchicalEncoder(net, taps=[...]) "
-        "naming the submodules whose outputs are the encoder levels"
-    )
-
-
-MONAI_ENCODERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet10": _monai_resnet(10),
-    "resnet18": _monai_resnet(18),
-    "resnet34": _monai_resnet(34),
-    "resnet50": _monai_resnet(50),
-    "segresnet": _monai_segresnet,
-    "dynunet": _monai_dynunet,
-    "mednext": _monai_mednext,
-}
-
-
-def _build_monai(key: str, spatial_dims: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
-    return MONAI_ENCODERS[key](spatial_dims, in_channels, **copy.deepcopy(kwargs))
+    return HierarchicalEncoder(network, timm_taps(network, strides), 2, in_chans, probe_size=probe_size,
+                               builder=builder, meta=meta)
 
 
 def from_monai(
@@ -277,31 +211,27 @@ def from_monai(
     **kwargs: Any,
 ) -> HierarchicalEncoder:
     """Encoder over a MONAI network, by name (``resnet18``, ``segresnet``, ``dynunet``, ``mednext``, …) or instance."""
-    if isinstance(name_or_network, nn.Module):
-        network = name_or_network
-        builder = functools.partial(copy.deepcopy, copy.deepcopy(network))  # same architecture, fresh object
-        meta = {"source": "monai-instance", "name": type(network).__name__, "spatial_dims": spatial_dims,
-                "in_channels": in_channels}
-    else:
-        key = str(name_or_network).lower()
-        if key not in MONAI_ENCODERS:
-            raise ValueError(f"unknown MONAI encoder '{name_or_network}'; known: {', '.join(MONAI_ENCODERS)}")
-        builder = functools.partial(_build_monai, key, spatial_dims, in_channels, copy.deepcopy(kwargs))
-        network = builder()
-        meta = {"source": "monai", "name": key, "spatial_dims": spatial_dims, "in_channels": in_channels,
-                "kwargs": dict(kwargs)}
-    return HierarchicalEncoder(network, _taps_for(network), spatial_dims, in_channels, probe_size=probe_size,
+    if isinstance(name_or_network, str):
+        lookup("monai", name_or_network.lower())  # a clear error for unknown names
+        spec = BackboneSpec(name_or_network.lower(), "monai", spatial_dims, in_channels, dict(kwargs))
+        return from_spec(spec, probe_size)
+    network = name_or_network
+    entry = next((b for b in registered() if b.recognises is not None and b.recognises(network)), None)
+    if entry is None:
+        raise ValueError(
+            f"no default taps for {type(network).__name__}; wrap it with HierarchicalEncoder(net, taps=[...]) "
+            "naming the submodules whose outputs are the encoder levels"
+        )
+    builder = functools.partial(copy.deepcopy, copy.deepcopy(network))  # same architecture, fresh object
+    meta = {"source": "monai-instance", "name": type(network).__name__, "spatial_dims": spatial_dims,
+            "in_channels": in_channels}
+    return HierarchicalEncoder(network, entry.taps(network), spatial_dims, in_channels, probe_size=probe_size,
                                builder=builder, meta=meta)
 
 
 def make_encoder(
     source: str, name: str, spatial_dims: int = 3, in_channels: int = 1, **kwargs: Any
 ) -> HierarchicalEncoder:
-    """An encoder from a description: ``source`` is ``"monai"`` or ``"timm"`` (2D only)."""
-    if source == "monai":
-        return from_monai(name, spatial_dims=spatial_dims, in_channels=in_channels, **kwargs)
-    if source == "timm":
-        if spatial_dims != 2:
-            raise ValueError(f"timm networks are 2D; got spatial_dims={spatial_dims} for '{name}'")
-        return from_timm(name, in_chans=in_channels, **kwargs)
-    raise ValueError(f"unknown backbone source '{source}'; expected 'monai' or 'timm'")
+    """An encoder from a description (``source``: a backbone-table source such as ``"monai"`` or ``"timm"``)."""
+    probe_size = kwargs.pop("probe_size", None)
+    return from_spec(BackboneSpec(name, source, spatial_dims, in_channels, kwargs), probe_size)

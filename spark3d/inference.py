@@ -16,22 +16,21 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from .data.datalist import NIFTI_SUFFIXES, DataError, check_volume, load_datalist
+from .checkpoint import read_lightning_checkpoint
+from .data.datalist import NIFTI_SUFFIXES, check_volume, load_datalist
+from .data.segmentation import SegmentationData
+from .errors import CheckpointError, DataError
 
 __all__ = ["load_checkpoint", "predict_volume", "evaluate", "predict", "dice_per_class"]
 
 
 def load_checkpoint(module: torch.nn.Module, ckpt_path: str | None) -> None:
     """Load a Lightning checkpoint's weights into ``module`` (an error names a missing or foreign file)."""
-    if not ckpt_path:
-        raise DataError("--ckpt_path is required: the fine-tuned checkpoint to run (e.g. RUN/checkpoints/last.ckpt)")
+    state = read_lightning_checkpoint(ckpt_path)
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
     missing, unexpected = module.load_state_dict(state.get("state_dict", {}), strict=False)
     if missing or unexpected:
-        raise DataError(f"checkpoint {path} does not fit this config's network "
+        raise CheckpointError(f"checkpoint {path} does not fit this config's network "
                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]})")
     module.eval()
 
@@ -45,7 +44,7 @@ def _case_name(path: str | list[str]) -> str:
 
 
 @torch.no_grad()
-def predict_volume(module, data_module, image: str | list[str]) -> np.ndarray:
+def predict_volume(module, data_module: SegmentationData, image: str | list[str]) -> np.ndarray:
     """Label map (uint8) of one image, in the image's own voxel grid (preprocessing inverted)."""
     pre = data_module.preprocess(keys=("image",), track_meta=True, pad=False)
     item = pre({"image": image})
@@ -75,12 +74,12 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(module, data_module, ckpt_path: str | None, out: str, split: str = "validation") -> dict[str, Any]:
+def evaluate(module, data_module: SegmentationData, ckpt_path: str | None, out: str, split: str = "validation") -> dict[str, Any]:
     """Per-case, per-organ Dice at the original resolution → ``out/dice_per_case.csv`` and ``out/summary.json``."""
     data_module.validate(need_validation=False)
     cases = load_datalist(data_module.datalist, split, keys=("image", "label"))
     load_checkpoint(module, ckpt_path)
-    names = list(getattr(data_module, "label_names", []) or [f"class{i}" for i in range(module.hparams.num_classes)])
+    names = list(data_module.label_names or [f"class{i}" for i in range(module.hparams.num_classes)])
     rows = []
     for case in cases:
         pred = predict_volume(module, data_module, case["image"])
@@ -126,7 +125,7 @@ def _inputs(source: str) -> list[str]:
     return [str(path)]
 
 
-def predict(module, data_module, ckpt_path: str | None, source: str, out: str) -> list[Path]:
+def predict(module, data_module: SegmentationData, ckpt_path: str | None, source: str, out: str) -> list[Path]:
     """Write ``<case>_seg.nii.gz`` (input's shape and affine) and ``<case>_overlay.png`` per input."""
     from .viz import save_overlay
 
@@ -136,7 +135,8 @@ def predict(module, data_module, ckpt_path: str | None, source: str, out: str) -
     load_checkpoint(module, ckpt_path)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = data_module.read_label_names() if hasattr(data_module, "read_label_names") else None
+    names = data_module.read_label_names()
+    window = data_module.metadata()["intensity_range"]  # None for MRI: the overlay uses percentiles
     written = []
     for f in files:
         original = nib.load(f)
@@ -153,7 +153,6 @@ def predict(module, data_module, ckpt_path: str | None, source: str, out: str) -
         image = np.asanyarray(original.dataobj).astype(np.float32)
         image = image[..., 0] if image.ndim == 4 else image
         png = save_overlay(out_dir / f"{case}_overlay.png", image, label, original.affine, names,
-                           window=getattr(data_module, "intensity_range", None) if getattr(data_module, "intensity", "ct") == "ct" else None,
-                           title=case)
+                           window=window, title=case)
         written += [seg_path, png]
     return written

@@ -7,22 +7,13 @@ import timm
 import torch
 
 from spark3d import SparK
+from spark3d.backbones import examples
 from spark3d.check import dense_difference, leak_difference
-from spark3d.encoders import from_monai, from_timm
+from spark3d.encoders import from_spec
 
-BACKBONES = {
-    "timm-resnet18": (lambda: from_timm("resnet18"), (64, 64)),
-    "timm-convnext_atto": (lambda: from_timm("convnext_atto"), (64, 64)),
-    "monai-resnet18-2d": (lambda: from_monai("resnet18", spatial_dims=2, in_channels=1), (64, 64)),
-    "monai-resnet18-3d": (lambda: from_monai("resnet18", spatial_dims=3, in_channels=1), (64, 64, 64)),
-    "monai-segresnet-3d": (lambda: from_monai("segresnet", spatial_dims=3, in_channels=1, init_filters=8), (32, 32, 32)),
-    "monai-dynunet-3d": (
-        lambda: from_monai("dynunet", spatial_dims=3, in_channels=1, strides=[1, 2, 2, (2, 2, 1)],
-                           filters=[8, 16, 32, 64], probe_size=(32, 32, 16)),
-        (32, 32, 16),
-    ),
-    "monai-mednext-3d": (lambda: from_monai("mednext", spatial_dims=3, in_channels=1, init_filters=8), (32, 32, 32)),
-}
+# every example configuration of the backbone table
+BACKBONES = {ex.id: ((lambda spec=spec, ex=ex: from_spec(spec, probe_size=ex.input_size)), ex.input_size)
+             for ex, spec in examples()}
 
 
 def _model(key):

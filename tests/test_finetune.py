@@ -170,7 +170,7 @@ def _encoder_file(tmp_path, **backbone_kwargs):
 
 
 def test_pretrained_encoder_loads_exactly_and_mismatch_fails(tmp_path):
-    from spark3d.seg_networks import PretrainedMismatch
+    from spark3d.checkpoint import CheckpointError as PretrainedMismatch
     from spark3d.train import SegmentationModule
 
     path = _encoder_file(tmp_path, init_filters=8, blocks_down=[1, 2, 2, 2])
@@ -250,7 +250,8 @@ def test_timm_resnet_encoder_gets_a_monai_unet_decoder(tmp_path):
     """2D: a SparK-pretrained timm ResNet loads by key into a FlexibleUNet encoder and segments."""
     from spark3d import SparK
     from spark3d.encoders import from_timm
-    from spark3d.seg_networks import encoder_module_of
+    from spark3d.backbones import BackboneSpec
+    from spark3d.networks import encoder_module_of
     from spark3d.train import SegmentationModule
 
     spark = SparK(from_timm("resnet18"), (64, 64), decoder_width=32)
@@ -262,7 +263,7 @@ def test_timm_resnet_encoder_gets_a_monai_unet_decoder(tmp_path):
     module = SegmentationModule(backbone="resnet18", source="timm", spatial_dims=2, in_channels=3, num_classes=3,
                                 roi_size=(64, 64), pretrained=str(path))
     assert type(module.network).__name__ == "FlexibleUNet"
-    target, prefix = encoder_module_of(module.network)
+    target, prefix = encoder_module_of(module.network, BackboneSpec("resnet18", "timm", 2, 3))
     assert prefix == "encoder.network." and module.pretrained_report["matched"] == len(state)
     for key, value in state.items():
         assert torch.equal(target.state_dict()[key], value)

@@ -3,7 +3,8 @@ import json
 import nibabel as nib
 import numpy as np
 
-from spark3d.data.phantoms import BTCV_LABELS, make_phantom, write_btcv_phantoms
+from spark3d.data.datasets import BTCV_LABELS
+from spark3d.data.phantoms import make_phantom, write_btcv_phantoms
 
 
 def test_phantom_is_deterministic_and_labelled():

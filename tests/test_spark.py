@@ -8,7 +8,7 @@ import torch
 from spark3d import SparK, SparKOutput
 from spark3d.encoders import from_monai
 from spark3d.masking import upsample_mask
-from spark3d.spark import patchify, unpatchify
+from spark3d.methods.common import patchify, unpatchify
 
 
 def tiny(sd=3, **kw):

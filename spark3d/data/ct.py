@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 from monai import data as md
 from monai import transforms as mt
 
+from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
 from .datalist import DataError, check_volume, folder_datalist, load_datalist
 from .transforms import ct_pretrain_augment, ct_preprocess
@@ -16,7 +16,7 @@ from .transforms import ct_pretrain_augment, ct_preprocess
 __all__ = ["CTPretrainData"]
 
 
-class CTPretrainData(pl.LightningDataModule):
+class CTPretrainData(Spark3dDataModule):
     """CT volumes for SparK pretraining, through MONAI transforms and a cache of the deterministic part.
 
     Args:

@@ -6,13 +6,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import DataError
+
 __all__ = ["DataError", "load_datalist", "folder_datalist", "check_volume", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the key or the shape and what was expected."""
 
 
 def load_datalist(path: str | Path, key: str = "training", keys: Sequence[str] = ("image",),

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from .contract import Spark3dDataModule
 from .caching import shard_for_rank
 from .datalist import DataError
 
@@ -40,7 +40,7 @@ class ImageFiles(Dataset):
         return {"image": self.transform(img)}
 
 
-class ImageFolderData(pl.LightningDataModule):
+class ImageFolderData(Spark3dDataModule):
     """Natural images for 2D SparK pretraining: RandomResizedCrop(scale 0.67–1) + flip + ImageNet norm.
 
     Args:

@@ -16,13 +16,9 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-__all__ = ["BTCV_LABELS", "make_phantom", "write_btcv_phantoms", "btcv_case_ids"]
+from .datasets import BTCV_LABELS
 
-BTCV_LABELS = {
-    0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus",
-    6: "liver", 7: "stomach", 8: "aorta", 9: "inferior vena cava", 10: "portal and splenic veins",
-    11: "pancreas", 12: "right adrenal gland", 13: "left adrenal gland",
-}
+__all__ = ["make_phantom", "write_btcv_phantoms", "btcv_case_ids"]
 
 
 @dataclass(frozen=True)

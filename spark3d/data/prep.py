@@ -16,12 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .datalist import DataError, check_volume
-from .phantoms import BTCV_LABELS
+from .datasets import BTCV_LABELS, BTCV_TRAIN_IDS, BTCV_VAL_IDS
 
-__all__ = ["check_pair", "prepare_btcv", "prepare_msd", "BTCV_TRAIN_IDS", "BTCV_VAL_IDS", "write_json_atomic"]
-
-BTCV_TRAIN_IDS = tuple(list(range(1, 11)) + list(range(21, 35)))  # the 24 training cases of dataset_0.json
-BTCV_VAL_IDS = tuple(range(35, 41))  # the 6 validation cases
+__all__ = ["check_pair", "prepare_btcv", "prepare_msd", "write_json_atomic"]
 
 
 def write_json_atomic(path: Path, content: dict) -> None:

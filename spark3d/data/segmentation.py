@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import pytorch_lightning as pl
 from monai import data as md
 from monai import transforms as mt
 
+from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
 from .datalist import DataError, load_datalist
 from .prep import check_pair
@@ -19,7 +19,7 @@ from .transforms import crop_indices, ct_preprocess, segmentation_augment
 __all__ = ["SegmentationData"]
 
 
-class SegmentationData(pl.LightningDataModule):
+class SegmentationData(Spark3dDataModule):
     """Labelled volumes from a decathlon-style datalist (``training``, ``validation``; ``labels`` names).
 
     Args:

@@ -1,6 +1,8 @@
-"""Lightning modules for pretraining (and, later, segmentation fine-tuning)."""
+"""Lightning only: the pretraining and segmentation modules, the optimiser recipes and the callbacks."""
 
-from .pretrain import ENCODER_FILE, SparKPretrain
+from .callbacks import DDPConsistencyCheck, EncoderExport, ReconstructionFigures
+from .pretrain import ENCODER_FILE, PretrainModule, SparKPretrain
 from .segment import SegmentationModule
 
-__all__ = ["SparKPretrain", "SegmentationModule", "ENCODER_FILE"]
+__all__ = ["PretrainModule", "SparKPretrain", "SegmentationModule", "ENCODER_FILE", "EncoderExport",
+           "ReconstructionFigures", "DDPConsistencyCheck"]

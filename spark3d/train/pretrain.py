@@ -1,34 +1,33 @@
-"""Lightning module for SparK pretraining: the official recipe, logs, figures and the encoder export."""
+"""Lightning module for masked pretraining, method-agnostic: the method comes by name from the method table."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_only
 
 from .. import __version__
-from ..encoders import make_encoder
-from ..masking import upsample_mask
-from ..spark import SparK
-from .schedules import cosine_ramp, warmup_cosine
+from ..backbones import BackboneSpec
+from ..checkpoint import ENCODER_FILE, write_encoder
+from ..data.contract import Spark3dDataModule
+from ..methods import build_method
+from .callbacks import EncoderExport, ReconstructionFigures
+from .optim import cosine_ramp, decay_groups, warmup_cosine_scheduler
 
-__all__ = ["SparKPretrain", "ENCODER_FILE"]
-
-ENCODER_FILE = "encoder.pt"
+__all__ = ["PretrainModule", "SparKPretrain", "ENCODER_FILE"]
 
 
-class SparKPretrain(pl.LightningModule):
-    """SparK pretraining of a MONAI or timm backbone.
+class PretrainModule(pl.LightningModule):
+    """Masked pretraining of a backbone-table network with a method of the method table (SparK, …).
 
     Args:
-        backbone: network name (MONAI: ``resnet10/18/34/50``, ``segresnet``, ``dynunet``, ``mednext``; timm: any convnet).
-        source: ``"monai"`` or ``"timm"``.
-        backbone_kwargs: extra constructor arguments of the network (e.g. ``init_filters``).
+        method: name in :data:`spark3d.methods.METHODS` (``"spark"``).
+        backbone, source, spatial_dims, in_channels, backbone_kwargs: the network, as the backbone table names it.
         input_size: crop size the model sees (linked to ``data.roi_size`` on the command line).
+        mask_ratio: fraction of masked cells.
+        method_args: the method's own options (SparK: ``decoder_width``, ``densify_norm``, ``fusion``, …).
         optimizer: ``"lamb"`` (SparK) or ``"adamw"``.
         base_lr: lr per 256 samples; the lr is ``base_lr * global_batch / 256`` unless ``lr`` is given.
         weight_decay, weight_decay_end: weight decay rises on a cosine from the first to the second.
@@ -38,8 +37,137 @@ class SparKPretrain(pl.LightningModule):
 
     def __init__(
         self,
+        method: str = "spark",
         backbone: str = "segresnet",
-        source: Literal["monai", "timm"] = "monai",
+        source: str = "monai",
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        backbone_kwargs: dict[str, Any] | None = None,
+        input_size: Sequence[int] = (96, 96, 96),
+        mask_ratio: float = 0.75,
+        method_args: dict[str, Any] | None = None,
+        optimizer: Literal["lamb", "adamw"] = "lamb",
+        base_lr: float = 2e-4,
+        lr: float | None = None,
+        betas: Sequence[float] = (0.9, 0.95),
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.2,
+        warmup_epochs: float = 40.0,
+        min_lr_ratio: float = 0.0,
+        figure_every_n_epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("lamb", "adamw"):
+            raise ValueError(f"model.optimizer must be 'lamb' or 'adamw', got '{optimizer}'")
+        self.save_hyperparameters()  # (a subclass's own arguments when it is one: SparKPretrain's configs stay flat)
+        self.method = method
+        self.spec = BackboneSpec(backbone, source, spatial_dims, in_channels, dict(backbone_kwargs or {}))
+        self.model = build_method(method, self.spec, input_size, mask_ratio, **dict(method_args or {}))
+        self._decay_groups: list[int] = []
+        self._total_steps = 1
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [EncoderExport(), ReconstructionFigures(self.hparams.figure_every_n_epochs)]
+
+    # ------------------------------------------------------------------------------ steps
+    @staticmethod
+    def images(batch: Any) -> torch.Tensor:
+        """The image tensor of a batch (a dict with ``image``, a tuple, or a tensor), as a plain tensor."""
+        x = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+    def on_fit_start(self) -> None:
+        self.model.prepare_for_fit()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = self.images(batch)
+        out = self.model(x)
+        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("train/loss_epoch", out.loss, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return out.loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x = self.images(batch)
+        gen = torch.Generator().manual_seed(batch_idx)  # the same masks every validation
+        mask = self.model.random_mask(x.shape[0], generator=gen).to(x.device)
+        out = self.model(x, mask=mask)
+        self.log("val/loss", out.loss, prog_bar=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+
+    # ------------------------------------------------------------------------------ optimisation
+    def data_module(self) -> Spark3dDataModule | None:
+        """The run's data module when it follows spark3d's contract (None outside a Trainer or for plain loaders)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return dm if isinstance(dm, Spark3dDataModule) else None
+
+    def data_metadata(self) -> dict[str, Any]:
+        dm = self.data_module()
+        return dm.metadata() if dm is not None else {}
+
+    def global_batch_size(self) -> int:
+        dm = self.data_module()
+        per_step = dm.crops_per_batch if dm is not None else 1
+        return int(per_step) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = hp.lr if hp.lr is not None else hp.base_lr * self.global_batch_size() / 256
+        groups = decay_groups(self.model.named_parameters(), self.model.no_weight_decay(), hp.weight_decay)
+        self._decay_groups = [0]
+        if hp.optimizer == "lamb":
+            from timm.optim import Lamb
+
+            opt = Lamb(groups, lr=lr, betas=tuple(hp.betas))
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        scheduler, self._total_steps = warmup_cosine_scheduler(opt, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": scheduler}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        wd = cosine_ramp(self.global_step, self._total_steps, self.hparams.weight_decay, self.hparams.weight_decay_end)
+        opt = self.optimizers()
+        for i in self._decay_groups:
+            opt.param_groups[i]["weight_decay"] = wd
+
+    # ------------------------------------------------------------------------------ export
+    def encoder_export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The encoder's weights (fine-tuning key names) and what is needed to rebuild and feed it."""
+        data_meta = self.data_metadata()
+        hp = self.hparams
+        meta = {
+            "spark3d_version": __version__,
+            "method": self.method,
+            "backbone": self.spec.name,
+            "source": self.spec.source,
+            "backbone_kwargs": dict(self.spec.kwargs),
+            "spatial_dims": int(self.spec.spatial_dims),
+            "in_channels": int(self.spec.in_channels),
+            **self.model.encoder_meta(),
+            "input_size": list(self.model.input_size),
+            "mask_ratio": float(hp.mask_ratio),
+            "global_step": int(self.global_step) if self._trainer is not None else 0,
+            "spacing": None if data_meta.get("spacing") is None else list(data_meta["spacing"]),
+            "intensity_range": None if data_meta.get("intensity_range") is None else list(data_meta["intensity_range"]),
+        }
+        return self.model.encoder_state_dict(), meta
+
+    def save_encoder(self, path: str | Path | None = None) -> Path | None:
+        """Write ``encoder.pt`` (on the global-zero process only; loadable with ``weights_only=True``)."""
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        if path is None:
+            path = Path(self.trainer.default_root_dir) / ENCODER_FILE
+        state, meta = self.encoder_export()
+        return write_encoder(path, state, meta)
+
+
+class SparKPretrain(PretrainModule):
+    """SparK pretraining with SparK's options as direct arguments (the configs written before the method table)."""
+
+    def __init__(
+        self,
+        backbone: str = "segresnet",
+        source: str = "monai",
         spatial_dims: int = 3,
         in_channels: int = 1,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -60,148 +188,8 @@ class SparKPretrain(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         figure_every_n_epochs: int = 1,
     ) -> None:
-        super().__init__()
-        if optimizer not in ("lamb", "adamw"):
-            raise ValueError(f"model.optimizer must be 'lamb' or 'adamw', got '{optimizer}'")
-        self.save_hyperparameters()
-        encoder = make_encoder(source, backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
-        self.model = SparK(encoder, input_size, mask_ratio=mask_ratio, decoder_width=decoder_width,
-                           densify_norm=densify_norm, decoder_norm=decoder_norm, fusion=fusion,
-                           norm_pix_loss=norm_pix_loss)
-        self._figure_batch: torch.Tensor | None = None
-        self._figure_from_validation = False
-        self._decay_groups: list[int] = []
-
-    # ------------------------------------------------------------------------------ steps
-    @staticmethod
-    def _images(batch: Any) -> torch.Tensor:
-        x = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
-        return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-    def on_fit_start(self) -> None:
-        # if anything swapped layers (e.g. a SyncBatchNorm conversion by hand), make them sparse again
-        self.model.resparsify()
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = self._images(batch)
-        if batch_idx == 0 and not self._figure_from_validation:
-            self._figure_batch = x[:1].detach()  # a random, flipped crop: only when there is no validation data
-        out = self.model(x)
-        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        self.log("train/loss_epoch", out.loss, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=x.shape[0])
-        return out.loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x = self._images(batch)
-        if batch_idx == 0:
-            self._figure_batch, self._figure_from_validation = x[:1].detach(), True  # centre crop, not flipped
-        gen = torch.Generator().manual_seed(batch_idx)  # the same masks every validation
-        mask = self.model.random_mask(x.shape[0], generator=gen).to(x.device)
-        out = self.model(x, mask=mask)
-        self.log("val/loss", out.loss, prog_bar=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
-
-    # ------------------------------------------------------------------------------ optimisation
-    def global_batch_size(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        per_step = getattr(dm, "crops_per_batch", None) or getattr(dm, "batch_size", 1)
-        return int(per_step) * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        lr = hp.lr if hp.lr is not None else hp.base_lr * self.global_batch_size() / 256
-        no_decay = self.model.no_weight_decay()
-        decay, plain = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (plain if name in no_decay else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-        self._decay_groups = [0]
-        if hp.optimizer == "lamb":
-            from timm.optim import Lamb
-
-            opt = Lamb(groups, lr=lr, betas=tuple(hp.betas))
-        else:
-            opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, self.trainer.num_training_batches // max(1, self.trainer.accumulate_grad_batches))
-        warmup = min(int(round(hp.warmup_epochs * per_epoch)), total // 2)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, hp.min_lr_ratio))
-        self._total_steps = total
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        wd = cosine_ramp(self.global_step, self._total_steps, self.hparams.weight_decay, self.hparams.weight_decay_end)
-        opt = self.optimizers()
-        for i in self._decay_groups:
-            opt.param_groups[i]["weight_decay"] = wd
-
-    # ------------------------------------------------------------------------------ outputs
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
-    def on_train_epoch_end(self) -> None:
-        last = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
-        every = max(1, self.hparams.figure_every_n_epochs)
-        if self._figure_batch is not None and ((self.current_epoch + 1) % every == 0 or last):
-            self.save_figure(self.run_dir / "figures" / f"reconstruction_epoch{self.current_epoch + 1:03d}.png")
-
-    @rank_zero_only
-    def save_figure(self, path: Path) -> Path:
-        from ..viz import save_reconstruction_figure
-
-        x = self._figure_batch
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            mask = self.model.random_mask(1, generator=torch.Generator().manual_seed(0)).to(x.device)
-            out = self.model(x, mask=mask)
-            recon = self.model.reconstruct(x, out)
-        self.model.train(was_training)
-        masked = x * upsample_mask(mask, x.shape[2:])
-        dm = getattr(self.trainer, "datamodule", None)
-        meta = dm.metadata() if hasattr(dm, "metadata") else {}
-        title = f"{self.hparams.backbone} epoch {self.current_epoch + 1}, step {self.global_step}, masked-patch loss {out.loss.item():.3f}"
-        return save_reconstruction_figure(path, x[0], masked[0], recon[0], title, meta.get("mean"), meta.get("std"))
-
-    def encoder_export(self) -> dict[str, Any]:
-        """The encoder's dense state dict and what is needed to rebuild and feed it."""
-        enc = self.model.encoder
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_meta = dm.metadata() if hasattr(dm, "metadata") else {}
-        hp = self.hparams
-        meta = {
-            "format": "spark3d-encoder-v1",
-            "spark3d_version": __version__,
-            "backbone": hp.backbone,
-            "source": hp.source,
-            "backbone_kwargs": dict(hp.backbone_kwargs or {}),
-            "spatial_dims": int(hp.spatial_dims),
-            "in_channels": int(hp.in_channels),
-            "taps": list(enc.taps),
-            "channels": [int(c) for c in enc.channels],
-            "strides": [list(s) for s in enc.strides],
-            "input_size": list(self.model.input_size),
-            "mask_ratio": float(hp.mask_ratio),
-            "global_step": int(self.global_step) if self._trainer is not None else 0,
-            "spacing": None if data_meta.get("spacing") is None else list(data_meta["spacing"]),
-            "intensity_range": None if data_meta.get("intensity_range") is None else list(data_meta["intensity_range"]),
-        }
-        return {"state_dict": {k: v.cpu() for k, v in self.model.encoder_state_dict().items()}, "meta": meta}
-
-    @rank_zero_only
-    def save_encoder(self, path: Path | None = None) -> Path:
-        """Write ``encoder.pt`` atomically (loadable with ``torch.load(..., weights_only=True)``)."""
-        path = Path(path) if path is not None else self.run_dir / ENCODER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.encoder_export(), tmp)
-        os.replace(tmp, path)
-        return path
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.save_encoder()
-
-    def on_train_end(self) -> None:
-        self.save_encoder()
+        method_args = {"decoder_width": decoder_width, "densify_norm": densify_norm, "decoder_norm": decoder_norm,
+                       "fusion": fusion, "norm_pix_loss": norm_pix_loss}
+        super().__init__("spark", backbone, source, spatial_dims, in_channels, backbone_kwargs, input_size, mask_ratio,
+                         method_args, optimizer, base_lr, lr, betas, weight_decay, weight_decay_end, warmup_epochs,
+                         min_lr_ratio, figure_every_n_epochs)

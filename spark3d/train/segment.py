@@ -12,8 +12,10 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from pytorch_lightning.utilities import rank_zero_info
 
-from ..seg_networks import build_segmentation_network, encoder_module_of, load_pretrained_encoder
-from .schedules import warmup_cosine
+from ..backbones import BackboneSpec
+from ..data.segmentation import SegmentationData
+from ..networks import build_segmentation_network, encoder_children, encoder_parameter_levels, load_pretrained_encoder
+from .optim import warmup_cosine_scheduler
 
 __all__ = ["SegmentationModule"]
 
@@ -26,7 +28,9 @@ class SegmentationModule(pl.LightningModule):
         num_classes: output classes including background.
         pretrained: path of an ``encoder.pt`` to load into the network's encoder (by key).
         roi_size: sliding-window size (linked to ``data.roi_size`` on the command line).
-        layer_decay: layer-wise lr decay for the encoder (1.0 = off): level ``k`` of ``K`` gets ``lr * decay**(K - k)``.
+        layer_decay: layer-wise lr decay for the encoder (1.0 = off): with ``K`` encoder levels, the parameters of
+            level ``k`` (0 = finest, as the pretraining encoder taps them) get ``lr * layer_decay**(K - k)``;
+            the decoder and head keep ``lr``.
         freeze_encoder_epochs: keep the encoder frozen for this many epochs first.
         sw_overlap, sw_mode, sw_batch_size: sliding-window inference settings.
     """
@@ -34,7 +38,7 @@ class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
         backbone: str = "segresnet",
-        source: Literal["monai", "timm"] = "monai",
+        source: str = "monai",
         spatial_dims: int = 3,
         in_channels: int = 1,
         num_classes: int = 14,
@@ -53,10 +57,11 @@ class SegmentationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.network = build_segmentation_network(backbone, spatial_dims, in_channels, num_classes, source, backbone_kwargs)
+        self.spec = BackboneSpec(backbone, source, spatial_dims, in_channels, dict(backbone_kwargs or {}))
+        self.network = build_segmentation_network(self.spec, num_classes)
         self.pretrained_report: dict[str, Any] | None = None
         if pretrained:
-            self.pretrained_report = load_pretrained_encoder(self.network, pretrained, backbone, spatial_dims, in_channels)
+            self.pretrained_report = load_pretrained_encoder(self.network, pretrained, self.spec)
             rank_zero_info(f"spark3d: loaded {self.pretrained_report['matched']} pretrained tensors from {pretrained} "
                            f"into the encoder of {type(self.network).__name__}")
         # batch=True: Dice over the whole batch, so crops without a small organ do not teach "never predict it"
@@ -78,19 +83,15 @@ class SegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ steps
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, "label_names", None)
-        if names and len(names) == self.hparams.num_classes:
-            self.label_names = list(names)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(dm, SegmentationData) and len(dm.label_names) == self.hparams.num_classes:
+            self.label_names = list(dm.label_names)
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch > self.hparams.freeze_encoder_epochs:
             return  # only the epochs that freeze, and the one that unfreezes, change anything
         frozen = self.current_epoch < self.hparams.freeze_encoder_epochs
-        encoder, _ = encoder_module_of(self.network)
-        if encoder is self.network:
-            encoder = self._encoder_part()
-        for p in encoder.parameters():
+        for p in encoder_children(self.network, self.spec).parameters():
             p.requires_grad_(not frozen)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -128,38 +129,19 @@ class SegmentationModule(pl.LightningModule):
                 self.log(f"val/dice/{name}", value, sync_dist=False)
 
     # ------------------------------------------------------------------------------ optimisation
-    def _encoder_part(self) -> torch.nn.Module:
-        """The encoder modules of a full MONAI network (those the pretrained weights cover)."""
-        from ..encoders import _taps_for
-
-        taps = _taps_for(self.network)
-        names = {n.split(".")[0] for n in taps}
-        names |= {"convInit", "stem", "input_block", "down_blocks"}  # stems and downsamplers between taps
-        return torch.nn.ModuleList([m for n, m in self.network.named_children() if n in names])
-
     def _param_groups(self) -> list[dict]:
+        """Groups by (lr scale, decayed or not): encoder level ``k`` of ``K`` scaled by ``layer_decay**(K - k)``."""
         hp = self.hparams
-        encoder, prefix = encoder_module_of(self.network)
-        if encoder is self.network:
-            encoder = self._encoder_part()
-        enc_ids = {id(p) for p in encoder.parameters()}
+        levels, num_levels = encoder_parameter_levels(self.network, self.spec) if hp.layer_decay != 1.0 else ({}, 0)
         groups: dict[tuple[float, bool], list] = {}
-        params = list(self.network.named_parameters())
-        for position, (name, p) in enumerate(params):
-            scale = 1.0
-            if id(p) in enc_ids and hp.layer_decay != 1.0:
-                depth = position / max(1, len(params))  # registration order approximates depth, 0 = input
-                scale = hp.layer_decay ** (4 * (1.0 - depth))
-            decay = p.ndim > 1
-            groups.setdefault((scale, decay), []).append(p)
+        for name, p in self.network.named_parameters():
+            scale = hp.layer_decay ** (num_levels - levels[name]) if name in levels else 1.0
+            groups.setdefault((scale, p.ndim > 1), []).append(p)
         return [{"params": ps, "lr": hp.lr * s, "lr_scale": s, "weight_decay": hp.weight_decay if d else 0.0}
                 for (s, d), ps in groups.items()]
 
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self._param_groups(), lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, self.trainer.num_training_batches // max(1, self.trainer.accumulate_grad_batches))
-        warmup = min(int(round(hp.warmup_epochs * per_epoch)), total // 2)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        scheduler, _ = warmup_cosine_scheduler(opt, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": scheduler}

@@ -1,7 +1,8 @@
-"""LightningCLI for the training subcommands: run directory layout, loggers, checkpoints, data checks."""
+"""LightningCLI glue for the training and inference commands: run folder, loggers, checkpoints, data checks."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import shutil
@@ -16,7 +17,16 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "run_fit", "run_directory_trainer_kwargs"]
+from ..data.contract import Spark3dDataModule
+from ..errors import DataError
+from ..train.pretrain import PretrainModule
+
+__all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
+           "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
+
+PRETRAIN_LINKS = {"data.init_args.roi_size": "model.init_args.input_size"}
+SEGMENTATION_LINKS = {"data.init_args.roi_size": "model.init_args.roi_size",
+                      "data.init_args.num_classes": "model.init_args.num_classes"}
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -70,7 +80,7 @@ class Spark3dCLI(LightningCLI):
 
     monitor: str | None = None
     monitor_mode: str = "min"
-    links: dict[str, str] = {"data.init_args.roi_size": "model.init_args.input_size"}
+    links: dict[str, str] = PRETRAIN_LINKS
     extra_arguments: dict[str, dict[str, Any]] = {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -84,7 +94,7 @@ class Spark3dCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs/default"
-        if config.get("sync_batchnorm") and hasattr(self.model, "model") and hasattr(self.model.model, "set_batchnorm_sync"):
+        if config.get("sync_batchnorm") and isinstance(self.model, PretrainModule):
             # our sparse BatchNorm syncs visible-site statistics itself, on CPU (gloo) as on GPU; torch's
             # SyncBatchNorm (what Lightning would swap in) is GPU-only and would not be sparse
             n = self.model.model.set_batchnorm_sync(True)
@@ -108,7 +118,7 @@ def make_cli(model_class: type, prog: str, description: str, argv: list[str], de
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     return cli_class(
         model_class,
-        pl.LightningDataModule,
+        Spark3dDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
@@ -119,15 +129,22 @@ def make_cli(model_class: type, prog: str, description: str, argv: list[str], de
     )
 
 
+def parse_or_report(model_class: type, prog: str, description: str, argv: list[str], default_root_dir: str,
+                    **kw: Any) -> Spark3dCLI | None:
+    """:func:`make_cli`, with bad options, keys or values reported in one line (None then; nothing written)."""
+    try:
+        return make_cli(model_class, prog, description, argv, default_root_dir, **kw)
+    except (argparse.ArgumentError, ValueError) as err:
+        print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
+        return None
+
+
 def run_fit(cli: Spark3dCLI, what: str) -> int:
     """Check the data, then fit; on bad data remove a run directory this run created (nothing half-written)."""
-    from ..data.datalist import DataError
-
     root = Path(cli.trainer.default_root_dir)
     existed = root.exists()
     try:
-        if hasattr(cli.datamodule, "validate"):
-            cli.datamodule.validate()
+        cli.datamodule.validate()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     except DataError:
         if not existed and cli.trainer.is_global_zero:

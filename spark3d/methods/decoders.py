@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layers import conv_nd, conv_transpose_nd, make_norm
+from ..layers import conv_nd, conv_transpose_nd, make_norm
 
 __all__ = ["LightDecoder", "up_steps"]
 

@@ -6,57 +6,28 @@ The whole method reads in :class:`SparK`; the encoder conversion lives in :mod:`
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .decoder import LightDecoder
-from .encoders import HierarchicalEncoder
-from .layers import conv_nd, make_norm, norm_kind_of
-from .masking import mask_grid, random_mask, upsample_mask
-from .sparse import MaskContext, set_batchnorm_sync, sparsify
+from ..backbones import BackboneSpec
+from ..encoders import HierarchicalEncoder, from_spec
+from ..layers import conv_nd, make_norm, norm_kind_of
+from ..masking import mask_grid, random_mask
+from ..sparse import MaskContext, set_batchnorm_sync, sparsify
+from .common import (
+    MaskedModelingMethod, MaskedModelOutput, mask_input, masked_patch_loss, norm_pix_target, patchify,
+    reconstruct_from_patches,
+)
+from .decoders import LightDecoder
 
-__all__ = ["SparK", "SparKOutput", "patchify", "unpatchify"]
+__all__ = ["SparK", "SparKOutput"]
 
-
-@dataclass
-class SparKOutput:
-    """``loss``: mean MSE over masked patches; ``pred``: raw decoder output ``(B, C, *S)``; ``mask``: ``(B, 1, *grid)``."""
-
-    loss: torch.Tensor
-    pred: torch.Tensor
-    mask: torch.Tensor
+SparKOutput = MaskedModelOutput  # the output type every method shares
 
 
-def patchify(x_bcs: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
-    """``(B, C, *S)`` → ``(B, L, prod(patch) * C)`` with patches in raster order of the grid."""
-    b, c, *size = x_bcs.shape
-    grid = [s // p for s, p in zip(size, patch)]
-    nd = len(size)
-    shape = [b, c]
-    for g, p in zip(grid, patch):
-        shape += [g, p]
-    x = x_bcs.reshape(shape)
-    perm = [0] + [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)] + [1]
-    return x.permute(perm).reshape(b, math.prod(grid), math.prod(patch) * c)
-
-
-def unpatchify(x_blp: torch.Tensor, patch: Sequence[int], grid: Sequence[int], channels: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`."""
-    b = x_blp.shape[0]
-    nd = len(grid)
-    x = x_blp.reshape(b, *grid, *patch, channels)
-    perm = [0, 2 * nd + 1]
-    for i in range(nd):
-        perm += [1 + i, 1 + nd + i]
-    x = x.permute(perm)
-    return x.reshape(b, channels, *[g * p for g, p in zip(grid, patch)])
-
-
-class SparK(nn.Module):
+class SparK(MaskedModelingMethod):
     """SparK pretraining model around a :class:`HierarchicalEncoder` (converted to sparse in place).
 
     Args:
@@ -128,6 +99,15 @@ class SparK(nn.Module):
         )
         self.resparsify()
 
+    @classmethod
+    def from_backbone(cls, spec: BackboneSpec, input_size: Sequence[int], mask_ratio: float, **kwargs: Any) -> "SparK":
+        """SparK over the encoder of a backbone-table network (what configs describe)."""
+        return cls(from_spec(spec), input_size, mask_ratio=mask_ratio, **kwargs)
+
+    def prepare_for_fit(self) -> None:
+        # if anything swapped layers (e.g. a SyncBatchNorm conversion by hand), make them sparse again
+        self.resparsify()
+
     def resparsify(self) -> None:
         """Convert encoder, densify norms and decoder (the decoder runs dense but syncs BatchNorm on any
         device); idempotent, so it also repairs layers something replaced (e.g. a SyncBatchNorm swap)."""
@@ -163,7 +143,7 @@ class SparK(nn.Module):
         self._check_input(x, mask)
         mask = self.full_mask(x.shape[0]) if mask is None else mask
         with self.ctx.use(mask):
-            return self.encoder(x * upsample_mask(mask, x.shape[2:]).to(x.dtype))
+            return self.encoder(mask_input(x, mask))
 
     def densify(self, feats: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
         """Visible-only norm, mask tokens at masked sites, projection to the decoder width, per level."""
@@ -175,48 +155,41 @@ class SparK(nn.Module):
                 out.append(proj(feat))
         return out
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> SparKOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedModelOutput:
         """Mask, encode, densify, decode and compute the masked-patch loss."""
         self._check_input(x, mask)
         mask = self.random_mask(x.shape[0]) if mask is None else mask.to(x.device)
         with self.ctx.use(mask):  # one context for both: per-resolution masks and indices are computed once
             dense = self.densify(self.encode(x, mask), mask)
         pred = self.decoder(dense)
-        return SparKOutput(loss=self.loss(x, pred, mask), pred=pred, mask=mask)
+        return MaskedModelOutput(loss=self.loss(x, pred, mask), pred=pred, mask=mask)
 
     # ---------------------------------------------------------------------------------- loss
     def target_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Target ``(B, L, P)``: patches, normalised by their own mean and variance when norm-pix is on."""
         target = patchify(x, self.patch_size)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
-        return target
+        return norm_pix_target(target) if self.norm_pix_loss else target
 
     def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE per patch, averaged over masked patches only."""
-        per_patch_bl = (patchify(pred, self.patch_size) - self.target_patches(x)).pow(2).mean(dim=-1)
-        masked_bl = (~mask.flatten(1)).to(per_patch_bl.dtype)
-        return (per_patch_bl * masked_bl).sum() / masked_bl.sum().clamp_min(1.0)
+        return masked_patch_loss(patchify(pred, self.patch_size), self.target_patches(x), mask.flatten(1))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, out: SparKOutput) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, out: MaskedModelOutput) -> torch.Tensor:
         """The prediction in input units (norm-pix undone with each patch's statistics), visible cells pasted back."""
-        pred_blp = patchify(out.pred.float(), self.patch_size)
-        if self.norm_pix_loss:
-            target = patchify(x.float(), self.patch_size)
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-            pred_blp = pred_blp * std + mean
-        pred = unpatchify(pred_blp, self.patch_size, self.mask_grid, x.shape[1])
-        visible = upsample_mask(out.mask, x.shape[2:])
-        return torch.where(visible, x.float(), pred)
+        return reconstruct_from_patches(x, patchify(out.pred, self.patch_size), out.mask, self.patch_size,
+                                        self.norm_pix_loss)
 
     # ---------------------------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights in the dense network's own key names (loads with ``load_state_dict``)."""
         return {k: v.detach().clone() for k, v in self.encoder.dense_state_dict().items()}
+
+    def encoder_meta(self) -> dict[str, Any]:
+        """The exported encoder's levels: tap names, channels and per-axis strides, finest first."""
+        enc = self.encoder
+        return {"taps": list(enc.taps), "channels": [int(c) for c in enc.channels],
+                "strides": [list(s) for s in enc.strides]}
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exempt from weight decay: norms, biases and mask tokens (SparK recipe)."""

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
 
 def _epoch_losses(metrics_csv: Path, column: str) -> list[float]:
@@ -31,7 +31,7 @@ def run_demo(argv: list[str]) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="stop each training after this many steps (quick checks)")
     args = parser.parse_args(argv)
 
-    from .data.phantoms import write_btcv_phantoms
+    from ..data.phantoms import write_btcv_phantoms
     from .commands import run_evaluate, run_finetune, run_predict, run_pretrain
 
     out = Path(args.out)

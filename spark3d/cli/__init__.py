@@ -1,0 +1,41 @@
+"""The ``spark3d`` command line: one table of commands, each row naming its function and its one-line help."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from ..errors import Spark3dError
+from .commands import run_check_backbone, run_evaluate, run_finetune, run_predict, run_pretrain
+from .demo import run_demo
+
+__all__ = ["COMMANDS", "main"]
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "demo": (run_demo, "the embedded default: phantoms → SparK pretraining → fine-tuning → Dice (CPU, minutes)"),
+    "pretrain": (run_pretrain, "masked pretraining (LightningCLI: --config F, dotted overrides, --print_config)"),
+    "finetune": (run_finetune, "segmentation fine-tuning through MONAI (--model.init_args.pretrained encoder.pt)"),
+    "evaluate": (run_evaluate, "per-case, per-organ Dice at the original resolution → CSV + JSON"),
+    "predict": (run_predict, "label NIfTI in each input's space + overlay PNG"),
+    "check-backbone": (run_check_backbone, "tell whether a network is safe for sparse masking"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spark3d <command> …``: run one command; user errors are one line on stderr and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: spark3d <command> [options]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<16} {help_text}")
+        print("\nRun `spark3d <command> --help` for the options of a command.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"spark3d: unknown command '{command}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command][0](rest)
+    except Spark3dError as err:
+        print(f"spark3d {command}: error: {err}", file=sys.stderr)
+        return 2

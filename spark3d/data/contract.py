@@ -1,0 +1,34 @@
+"""The data-module contract, declared once: what the training modules, the CLI and inference call on a data module."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import pytorch_lightning as pl
+
+__all__ = ["Spark3dDataModule"]
+
+
+class Spark3dDataModule(pl.LightningDataModule, abc.ABC):
+    """A Lightning data module with spark3d's three promises.
+
+    - :meth:`validate` checks every input before anything is written (the CLI calls it before fitting);
+    - :meth:`metadata` says how the data was prepared (spacing, intensity window, normalisation), which
+      travels with ``encoder.pt`` and titles the figures;
+    - :attr:`crops_per_batch` is the number of samples one batch holds (the learning-rate scaling reads it).
+    """
+
+    @abc.abstractmethod
+    def validate(self) -> None:
+        """Resolve and check every input; raise :class:`~spark3d.errors.DataError` naming the first bad one."""
+
+    @abc.abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """How the data was prepared: ``roi_size`` and, where they apply, ``spacing``, ``intensity_range``,
+        ``mean``/``std``."""
+
+    @property
+    @abc.abstractmethod
+    def crops_per_batch(self) -> int:
+        """Samples per batch after any per-volume cropping."""

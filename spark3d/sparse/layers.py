@@ -1,0 +1,118 @@
+"""Behaviours of covered layers under a mask: spatial operators, normalisations, channel LayerNorm.
+
+Each behaviour is a mixin placed before the original class in a generated subclass (see
+:mod:`spark3d.sparse.convert`), so the layer's own ``forward`` still does the work:
+
+- spatial operators (convs, pools) read and write visible sites only: their input and output are
+  masked at their own resolution (max pools ignore masked sites, average pools take visible means);
+- normalisations see visible sites only: the visible sites of each sample are packed into a
+  ``(B, C, K, 1, …)`` tensor, the layer's *own* forward runs on it, and the result is scattered back;
+- masked sites are exactly zero after every converted layer.
+
+With no mask set in the context every converted layer computes exactly what the dense layer does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .context import MaskContext
+from .sync import needs_cross_process_sync, synced_batch_norm
+
+__all__ = [
+    "SparseLayer", "SparseConvMixin", "SparseMaxPoolMixin", "SparseAvgPoolMixin", "SparseNormMixin",
+    "SparseLayerNormMixin",
+]
+
+
+class SparseLayer:
+    """Marker base of converted layers; ``_sparse_ctx`` is the owning model's :class:`MaskContext`."""
+
+    _sparse_ctx: MaskContext
+    _dense_class: type
+
+    def _mask_active(self, x: torch.Tensor) -> bool:
+        ctx = getattr(self, "_sparse_ctx", None)
+        return ctx is not None and ctx.applies_to(x.shape[2:])
+
+    def _zero_masked(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self._sparse_ctx.weights_at(y.shape[2:], y.dtype)
+
+
+class SparseConvMixin(SparseLayer):
+    """Convolution reading and writing visible sites only."""
+
+    def forward(self, x, *args, **kwargs):
+        if not self._mask_active(x):
+            return super().forward(x, *args, **kwargs)
+        y = super().forward(self._zero_masked(x), *args, **kwargs)
+        return self._zero_masked(y) if self._sparse_ctx.applies_to(y.shape[2:]) else y
+
+
+class SparseMaxPoolMixin(SparseLayer):
+    """Max pooling over visible sites only (masked sites never win)."""
+
+    def forward(self, x):
+        if not self._mask_active(x):
+            return super().forward(x)
+        lowest = torch.finfo(x.dtype).min
+        y = super().forward(x.masked_fill(~self._sparse_ctx.mask_at(x.shape[2:]), lowest))
+        if self._sparse_ctx.applies_to(y.shape[2:]):
+            return torch.where(self._sparse_ctx.mask_at(y.shape[2:]), y, 0.0)
+        return y
+
+
+class SparseAvgPoolMixin(SparseLayer):
+    """Average pooling as the mean over visible sites (equal to the dense pool when all are visible)."""
+
+    def forward(self, x):
+        if not self._mask_active(x):
+            return super().forward(x)
+        w = self._sparse_ctx.weights_at(x.shape[2:], x.dtype)
+        summed = super().forward(x * w)
+        visible_fraction = super().forward(w) / super().forward(torch.ones_like(w))
+        y = summed / visible_fraction.clamp_min(1e-12)
+        if self._sparse_ctx.applies_to(y.shape[2:]):
+            return self._zero_masked(y)
+        return y
+
+
+class SparseNormMixin(SparseLayer):
+    """Normalisation over visible sites: pack them, run the layer's own forward, scatter back."""
+
+    def forward(self, x):
+        if not self._mask_active(x):
+            if needs_cross_process_sync(self):
+                return synced_batch_norm(self, x)
+            return super().forward(x)
+        b, c = x.shape[:2]
+        idx_b1k = self._sparse_ctx.visible_index(x.shape[2:])
+        idx_bck = idx_b1k.expand(b, c, -1)
+        packed = x.reshape(b, c, -1).gather(2, idx_bck)
+        packed = packed.view(b, c, packed.shape[2], *([1] * (x.ndim - 3)))
+        if needs_cross_process_sync(self):
+            y_packed = synced_batch_norm(self, packed)
+        else:
+            y_packed = super().forward(packed)
+        out = x.new_zeros(b, y_packed.shape[1], math.prod(x.shape[2:]), dtype=y_packed.dtype)
+        out = out.scatter(2, idx_b1k.expand(b, y_packed.shape[1], -1), y_packed.reshape(b, y_packed.shape[1], -1))
+        return out.view(b, y_packed.shape[1], *x.shape[2:])
+
+
+class SparseLayerNormMixin(SparseLayer):
+    """LayerNorm over channels (a per-site op): the layer's own forward, then masked sites to zero."""
+
+    _channels_first: bool = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        ctx = getattr(self, "_sparse_ctx", None)
+        if ctx is None or ctx.mask is None:
+            return y
+        size = y.shape[2:] if self._channels_first else y.shape[1:-1]
+        if not ctx.applies_to(size):
+            return y
+        w = ctx.weights_at(size, y.dtype)
+        return y * (w if self._channels_first else w.movedim(1, -1))
