@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
-from spark3d.commands import SEG_LINKS
+from spark3d.data import SegmentationData
 from spark3d.inference import load_checkpoint, predict_volume
-from spark3d.train.cli import make_cli
-from spark3d.train.segment import SegmentationModule
+from spark3d.train import SegmentationModule
 
 
 def main() -> None:
@@ -24,9 +25,10 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--split", default="validation")
     args = parser.parse_args()
-    cli = make_cli(SegmentationModule, "inference_time", "", ["--config", args.config, "--data.init_args.datalist",
-                   args.datalist], "runs/unused", links=SEG_LINKS)
-    module, dm = cli.model, cli.datamodule
+    config = yaml.safe_load(Path(args.config).read_text())
+    data_args = {**config["data"]["init_args"], "datalist": args.datalist}
+    model_args = {**config["model"]["init_args"], "roi_size": data_args["roi_size"], "num_classes": data_args["num_classes"]}
+    module, dm = SegmentationModule(**model_args), SegmentationData(**data_args)
     dm.validate(need_validation=False)
     load_checkpoint(module, args.ckpt)
     files = dm.val_files if args.split == "validation" else dm.train_files

@@ -1,8 +1,7 @@
 """spark3d: sparse masked modeling (SparK) for 2D and 3D convnets, with MONAI fine-tuning."""
 
-__version__ = "0.1.0"
-
-from .encoders import HierarchicalEncoder, from_monai, from_timm  # noqa: E402
-from .methods import SparK, SparKOutput  # noqa: E402
+from .encoders import HierarchicalEncoder, from_monai, from_timm
+from .methods import SparK, SparKOutput
+from .version import __version__
 
 __all__ = ["SparK", "SparKOutput", "HierarchicalEncoder", "from_timm", "from_monai", "__version__"]

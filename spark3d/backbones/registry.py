@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["Backbone", "BackboneSpec", "Example", "register", "lookup", "find", "registered", "examples",
+__all__ = ["Backbone", "BackboneSpec", "Example", "register", "unregister", "lookup", "find", "registered", "examples",
            "build_network", "build_segmentation_network", "encoder_module_of", "encoder_children"]
 
 
@@ -46,6 +46,8 @@ class Backbone:
         seg_encoder_modules: top-level children of the segmentation network that make up the encoder, when
             the prefix is ``""`` (frozen during a frozen-encoder warm-up; layer decay applies to them).
         recognises: ``network -> bool``, for wrapping an existing instance (``from_monai(net)``).
+        trusted: block classes of the family known to compose covered layers position-wise (the sparse
+            converter's override for custom blocks it cannot judge).
         examples: small configurations the tests parameterise over.
     """
 
@@ -59,6 +61,7 @@ class Backbone:
     seg_encoder_prefix: str = ""
     seg_encoder_modules: tuple[str, ...] = ()
     recognises: Callable[[nn.Module], bool] | None = None
+    trusted: tuple[type, ...] = ()
     examples: tuple[Example, ...] = ()
 
     def builds(self, name: str) -> bool:
@@ -93,6 +96,11 @@ def register(backbone: Backbone) -> Backbone:
     _TABLE[:] = [b for b in _TABLE if (b.family, b.source) != (backbone.family, backbone.source)]
     _TABLE.append(backbone)
     return backbone
+
+
+def unregister(family: str, source: str) -> None:
+    """Remove an entry (for tests and plug-ins that registered one temporarily)."""
+    _TABLE[:] = [b for b in _TABLE if (b.family, b.source) != (family, source)]
 
 
 def registered() -> list[Backbone]:

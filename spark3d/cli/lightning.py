@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from ..data.contract import Spark3dDataModule
-from ..errors import DataError
+from ..errors import DataError, Spark3dError
 from ..train.pretrain import PretrainModule
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
@@ -135,8 +135,23 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
     try:
         return make_cli(model_class, prog, description, argv, default_root_dir, **kw)
     except (argparse.ArgumentError, ValueError) as err:
-        print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
+        ours = _spark3d_cause(err)
+        if ours is not None:  # raised while building the model or data: jsonargparse wraps it in a union report
+            print(f"{prog}: error: {ours}", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
         return None
+
+
+def _spark3d_cause(err: BaseException) -> Spark3dError | None:
+    """The spark3d error behind a wrapped exception, if any (its one line is the message that matters)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Spark3dError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def run_fit(cli: Spark3dCLI, what: str) -> int:

@@ -102,6 +102,7 @@ class SparK(MaskedModelingMethod):
     @classmethod
     def from_backbone(cls, spec: BackboneSpec, input_size: Sequence[int], mask_ratio: float, **kwargs: Any) -> "SparK":
         """SparK over the encoder of a backbone-table network (what configs describe)."""
+        kwargs["trusted"] = (*spec.entry.trusted, *kwargs.get("trusted", ()))
         return cls(from_spec(spec), input_size, mask_ratio=mask_ratio, **kwargs)
 
     def prepare_for_fit(self) -> None:

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
+from ..errors import Spark3dError
 from .context import MaskContext
 from .layers import (
     SparseAvgPoolMixin, SparseConvMixin, SparseLayer, SparseLayerNormMixin, SparseMaxPoolMixin, SparseNormMixin,
@@ -23,8 +24,8 @@ from .sync import SYNC_FLAG
 __all__ = ["UnsafeLayerError", "sparsify", "desparsify", "is_sparse", "find_unsafe_layers", "set_batchnorm_sync"]
 
 
-class UnsafeLayerError(RuntimeError):
-    """A layer that mixes positions cannot be made sparse-safe."""
+class UnsafeLayerError(Spark3dError, RuntimeError):
+    """A layer that mixes positions cannot be made sparse-safe (a user error: the CLI shows it as one message)."""
 
 
 _CONV_TYPES = (nn.modules.conv._ConvNd,)

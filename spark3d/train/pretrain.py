@@ -8,11 +8,11 @@ from typing import Any, Literal, Sequence
 import pytorch_lightning as pl
 import torch
 
-from .. import __version__
 from ..backbones import BackboneSpec
 from ..checkpoint import ENCODER_FILE, write_encoder
 from ..data.contract import Spark3dDataModule
 from ..methods import build_method
+from ..version import __version__
 from .callbacks import EncoderExport, ReconstructionFigures
 from .optim import cosine_ramp, decay_groups, warmup_cosine_scheduler
 
