@@ -103,8 +103,10 @@ def check_preprocessed_volume(array: np.ndarray, name: str, spatial_dims: int = 
         raise DataError(f"{name}: preprocessed shape {shape}; expected (channels, {spatial_dims} spatial axes)")
     if channels is not None and shape[0] != channels:
         raise DataError(f"{name}: {shape[0]} channels; expected {channels}")
+    if array.size == 0:
+        raise DataError(f"{name}: empty after preprocessing (shape {shape}: no foreground inside the intensity window)")
     if any(s <= 1 for s in shape[1:]):
-        raise DataError(f"{name}: preprocessed shape {shape} has an empty or single-voxel spatial axis")
+        raise DataError(f"{name}: preprocessed shape {shape} has a single-voxel spatial axis")
     finite = np.isfinite(array)
     if not finite.all():
         raise DataError(f"{name}: {int(finite.size - finite.sum())} non-finite voxels (NaN/inf) after preprocessing")
@@ -176,7 +178,9 @@ def _finished(volumes: Path, vid: str, source: Path) -> dict | None:
         ok = (record["source"] == str(source) and record["source_bytes"] == stat.st_size
               and record["source_mtime_ns"] == stat.st_mtime_ns
               and (volumes / f"{vid}.npy").stat().st_size == record["bytes"])
-    except (OSError, ValueError, KeyError):
+        if ok:
+            open_volume(volumes / f"{vid}.npy", record["shape"], record["dtype"])  # its header, not its bytes
+    except (OSError, ValueError, KeyError):  # DataError is a ValueError
         return None
     return record if ok else None
 
@@ -320,16 +324,21 @@ class StoreVolume:
 def open_volume(path: str | Path, shape: Sequence[int] | None = None, dtype: str | None = None) -> np.memmap:
     """Memory-map a stored volume (``allow_pickle=False``); a truncated file, a pickle or the wrong shape or
     dtype is a one-line :class:`DataError`."""
+    redo = "re-run spark3d preprocess on the store (it redoes volumes that are not whole)"
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"store volume {path} is not a whole .npy array ({reason}): re-run spark3d preprocess") from None
+        text = str(err)
+        reason = ("it holds pickled data, never loaded since that could run code" if "pickle" in text else
+                  "it holds Python objects, never loaded" if "Python objects" in text else
+                  "it is truncated, shorter than its header says" if "greater than file size" in text else
+                  f"it is not a whole .npy array: {(text.splitlines() or [type(err).__name__])[0]}")
+        raise DataError(f"store volume {path} is refused: {reason}; {redo}") from None
     if not isinstance(array, np.ndarray):  # np.load gives an NpzFile for a zip archive
-        raise DataError(f"store volume {path} is not a .npy array: re-run spark3d preprocess")
+        raise DataError(f"store volume {path} is not a .npy array: {redo}")
     if (shape is not None and tuple(array.shape) != tuple(shape)) or (dtype is not None and array.dtype != np.dtype(dtype)):
         raise DataError(f"store volume {path} holds {array.dtype}{tuple(array.shape)}; the manifest says "
-                        f"{dtype}{tuple(shape or ())}: re-run spark3d preprocess")
+                        f"{dtype}{tuple(shape or ())}: {redo}")
     return array
 
 
