@@ -20,7 +20,7 @@ from spark3d.cli import main
 from spark3d.data import CTPretrainData, DataError
 from spark3d.data.phantoms import write_btcv_phantoms
 from spark3d.data.store import StoreSettings, check_preprocessed_volume, merge_shards, open_store, write_store
-from spark3d.data.store_dataset import read_crop
+from spark3d.data.store_dataset import StoreCropDataset, read_crop
 from spark3d.data.transforms import ct_preprocess
 
 ROOT = Path(__file__).parents[1]
@@ -238,6 +238,20 @@ def test_resume_redoes_a_damaged_volume_only(phantoms, store, tmp_path):
     victim.write_bytes(pickle.dumps(np.zeros(3)))
     counts = write_store(_splits(phantoms), copy, SETTINGS, str(phantoms))
     assert counts["written"] == 1 and _files(copy) == _files(store)
+
+
+def test_intensity_jitter_scales_and_shifts_each_crop_within_bounds(store):
+    volumes = open_store(store).volumes("training")
+    plain = StoreCropDataset(volumes, (16, 16, 16), num_samples=1, flip_prob=0.0)
+    jittered = StoreCropDataset(volumes, (16, 16, 16), num_samples=1, flip_prob=0.0, intensity_jitter=0.2)
+    fits = []
+    for index in range(len(volumes)):
+        x, y = plain[(0, index)][0]["image"].flatten().double(), jittered[(0, index)][0]["image"].flatten().double()
+        scale, shift = np.polyfit(x.numpy(), y.numpy(), 1)  # same crop position: the first draw precedes the jitter's
+        assert torch.allclose(y, scale * x + shift, atol=1e-5)
+        fits.append((scale - 1.0, shift))
+    fits = np.array(fits)
+    assert np.abs(fits).max() <= 0.2 and np.abs(fits).min(axis=0).max() > 0 and len(set(fits[:, 0])) == len(volumes)
 
 
 def test_crop_reader_equals_monai_pad_crop_and_flip():
