@@ -57,7 +57,7 @@ def test_store_holds_the_monai_chain_output_with_its_affine_and_spacing(phantoms
     sources = _splits(phantoms)
     assert [manifest["volumes"][v]["source"] for v in manifest["splits"]["training"]] == sources["training"]
     chain = ct_preprocess(("image",), SETTINGS.spacing, SETTINGS.intensity_range, None, track_meta=True)
-    for vid, record in manifest["volumes"].items():
+    for record in manifest["volumes"].values():
         expected = chain({"image": record["source"]})["image"]
         stored = np.load(store / record["file"], allow_pickle=False)
         assert stored.dtype == np.float16 and stored.shape == tuple(expected.shape)

@@ -111,13 +111,15 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def _pretrain_data_module(config_path: str, overrides: list[str]):
     """The CT data module a pretraining config describes, with ``--data.init_args.KEY VALUE`` overrides."""
+    from pathlib import Path
+
     import yaml
 
     from ..data.ct import CTPretrainData
-    from ..errors import ConfigError
+    from ..errors import ConfigError, Spark3dError
 
     try:
-        config = yaml.safe_load(open(config_path)) or {}
+        config = yaml.safe_load(Path(config_path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config {config_path}: {err}") from None
     data = config.get("data") or {}
@@ -135,7 +137,9 @@ def _pretrain_data_module(config_path: str, overrides: list[str]):
         init_args[name] = yaml.safe_load(value)
     try:
         return CTPretrainData(**init_args)
-    except TypeError as err:
+    except Spark3dError:
+        raise
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"{config_path}: data.init_args: {err}") from None
 
 

@@ -135,9 +135,9 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``path`` whole or not at all: a ``.partial`` file, flushed to disk, renamed over it."""
-    tmp = path.with_name(f".{path.name}.partial")
+def _atomic_write(path: Path, data: bytes | memoryview, tag: str = "") -> None:
+    """Write ``path`` whole or not at all: a ``.partial`` file (``tag`` tells writers apart), flushed, renamed."""
+    tmp = path.with_name(f".{path.name}{tag}.partial")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
@@ -205,11 +205,11 @@ def _claim_store(out: Path, settings: StoreSettings) -> dict[str, Any]:
             raise DataError(f"store {out} was made with other settings ({'; '.join(diff)}, store vs now): "
                             f"write to a new --out or use the store's settings and environment")
         return existing
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != VOLUMES and not p.name.endswith(".partial") for p in out.iterdir()):
         raise DataError(f"--out {out} is a non-empty folder that is not a spark3d CT store")
     (out / VOLUMES).mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, _json_bytes(header))
-    return header
+    _atomic_write(path, _json_bytes(header), tag=f".{os.getpid()}")  # shards starting together write the same
+    return _claim_store(out, settings)
 
 
 def _unique_sources(splits: dict[str, list[str]]) -> list[str]:
