@@ -19,7 +19,8 @@ from monai import transforms as mt
 from spark3d.cli import main
 from spark3d.data import CTPretrainData, DataError
 from spark3d.data.phantoms import write_btcv_phantoms
-from spark3d.data.store import StoreSettings, check_preprocessed_volume, merge_shards, open_store, write_store
+from spark3d.data.store import (StoreSettings, StoreVolume, check_preprocessed_volume, merge_shards, open_store,
+                                open_volume, write_store)
 from spark3d.data.store_dataset import StoreCropDataset, read_crop
 from spark3d.data.transforms import ct_preprocess
 
@@ -252,6 +253,21 @@ def test_intensity_jitter_scales_and_shifts_each_crop_within_bounds(store):
         fits.append((scale - 1.0, shift))
     fits = np.array(fits)
     assert np.abs(fits).max() <= 0.2 and np.abs(fits).min(axis=0).max() > 0 and len(set(fits[:, 0])) == len(volumes)
+
+
+def test_a_crop_reads_only_its_bytes_of_a_volume_larger_than_it_could_load(tmp_path):
+    import resource
+
+    path = tmp_path / "huge.npy"  # 1 GiB on paper, a sparse file on disk
+    volume = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1, 1024, 1024, 512))
+    volume[0, 700:710, 500:510, 300:310] = 1.0
+    del volume
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ds = StoreCropDataset([StoreVolume(path, (1, 1024, 1024, 512))], (32, 32, 32), num_samples=4)
+    crops = [c["image"] for epoch in range(4) for c in ds[(epoch, 0)]]
+    centre = read_crop(open_volume(path), (690, 490, 290), (32, 32, 32))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(crops) == 16 and float(centre.sum()) == 1000.0 and grown_mb < 200
 
 
 def test_crop_reader_equals_monai_pad_crop_and_flip():
