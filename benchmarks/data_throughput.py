@@ -8,7 +8,8 @@ same crops (``num_samples`` random ROI crops per volume, random flips along each
 crops per second
 
 - in one process with one torch thread (per core), the methods interleaved round by round, medians (and
-  the range) over the rounds, and each round's ratio to the uncached chain;
+  the range) over the rounds, per wall-clock second and per CPU second (the closer estimate of a quiet
+  core on a shared machine), and each round's ratio to the uncached chain;
 - through a data loader with ``--workers`` worker processes;
 
 and the size on disk of the store against the raw NIfTI. ``--blosc2`` adds chunked compressed arrays
@@ -47,16 +48,18 @@ def write_phantoms(folder: Path, n: int, shape: tuple[int, ...], spacing: tuple[
     return folder / "dataset.json"
 
 
-def timed_items(get, keys, seconds: float, crops_per_item: int) -> float:
-    """Crops per second of ``get(key)`` over ``keys`` until ``seconds`` passed (at least two items)."""
-    t0 = time.perf_counter()
+def timed_items(get, keys, seconds: float, crops_per_item: int) -> tuple[float, float]:
+    """Crops per wall-clock second and per CPU second of ``get(key)`` over ``keys`` until ``seconds`` passed
+    (at least two items). On a shared machine the CPU-second rate is the closer estimate of one quiet core."""
+    t0, c0 = time.perf_counter(), time.process_time()
     done = 0
     for key in keys:
         get(key)
         done += 1
         if done >= 2 and time.perf_counter() - t0 >= seconds:
             break
-    return done * crops_per_item / (time.perf_counter() - t0)
+    crops = done * crops_per_item
+    return crops / (time.perf_counter() - t0), crops / max(time.process_time() - c0, 1e-9)
 
 
 def loader_rate(ds, keys, workers: int, crops_per_item: int) -> float:
@@ -173,13 +176,16 @@ def main() -> None:
             return [(offset + j, int(i)) for j, i in enumerate(idx)] if keyed else [int(i) for i in idx]
 
         rates: dict[str, list[float]] = {name: [] for name in datasets}
+        cpu_rates: dict[str, list[float]] = {name: [] for name in datasets}
         for name, (ds, keyed) in datasets.items():  # warm-up: page cache, lazy imports
             ds[keys(1, keyed, 10**6)[0]]
         for r in range(args.rounds):
             names = list(datasets) if r % 2 == 0 else list(datasets)[::-1]
             for name in names:
                 ds, keyed = datasets[name]
-                rates[name].append(timed_items(ds.__getitem__, keys(10000, keyed, r * 10000), args.seconds, k))
+                wall, cpu = timed_items(ds.__getitem__, keys(10000, keyed, r * 10000), args.seconds, k)
+                rates[name].append(wall)
+                cpu_rates[name].append(cpu)
         uncached = rates["MONAI chain, uncached"]
         workers: dict[str, float] = {}
         if args.workers > 0:
@@ -193,16 +199,17 @@ def main() -> None:
 
     print(f"\n{args.volumes} phantoms {tuple(args.shape)} at {spacing} mm, random {args.roi}³ crops ({k} per volume "
           f"read, flips p=0.5 per axis); preprocess {preprocess_s:.2f} s/volume; {args.rounds} rounds\n")
-    print(f"| source | 1 process (1 thread), crops/s | × uncached | {args.workers} workers, crops/s | set-up s |")
-    print("|---|---|---|---|---|")
+    print(f"| source | 1 process (1 thread), crops/s | crops per CPU-s | × uncached | {args.workers} workers, crops/s "
+          "| set-up s |")
+    print("|---|---|---|---|---|---|")
     for name, values in rates.items():
         ratio = statistics.median(v / u for v, u in zip(values, uncached))
         w = f"{workers[name]:.0f}" if name in workers else "–"
-        print(f"| {name} | {statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f}) | {ratio:.1f} | {w} "
-              f"| {build_s.get(name, 0.0):.1f} |")
+        print(f"| {name} | {statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f}) "
+              f"| {statistics.median(cpu_rates[name]):.1f} | {ratio:.1f} | {w} | {build_s.get(name, 0.0):.1f} |")
     for name, rate in workers.items():
         if name not in rates:
-            print(f"| {name} | – | – | {rate:.0f} | – |")
+            print(f"| {name} | – | – | – | {rate:.0f} | – |")
     print("\n| on disk | MB | × raw NIfTI |\n|---|---|---|")
     for name, size in sizes.items():
         print(f"| {name} | {size / 1e6:.1f} | {size / raw_bytes:.2f} |")
