@@ -81,8 +81,8 @@ class CTPretrainData(Spark3dDataModule):
         self.intensity_jitter = float(intensity_jitter)
         self.channels = int(channels)
         self.store = store
-        self.train_files: list[dict] | None = None
-        self.val_files: list[dict] = []
+        self.train_files: list | None = None  # datalist entries, or StoreVolume records with a store
+        self.val_files: list = []
 
     # ------------------------------------------------------------------------------ checks
     @property
@@ -95,7 +95,8 @@ class CTPretrainData(Spark3dDataModule):
                 "orientation": "RAS"}
 
     def validate(self) -> None:
-        """Resolve and check every file (exists, readable header, 3D) before anything is written."""
+        """Resolve and check every file (exists, readable header, 3D), or the store (settings as configured,
+        every volume a whole array of the recorded shape), before anything is written."""
         if self.train_files is not None:
             return
         if self.store is not None:
