@@ -1,11 +1,12 @@
-"""The commands: pretrain, finetune, evaluate, predict, check-backbone. Each takes ``argv`` and returns an exit code."""
+"""The commands: pretrain, finetune, evaluate, predict, check-backbone, preprocess. Each takes ``argv`` and returns an
+exit code."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-__all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_check_backbone"]
+__all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_check_backbone", "run_preprocess"]
 
 
 def run_pretrain(argv: list[str]) -> int:
@@ -96,3 +97,89 @@ def run_check_backbone(argv: list[str]) -> int:
         return 2
     print(result.report())
     return 0 if result.ok else 1
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not of the form i/n (e.g. 0/4)") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"'{text}': expected 0 <= i < n")
+    return index, count
+
+
+def _pretrain_data_module(config_path: str, overrides: list[str]):
+    """The CT data module a pretraining config describes, with ``--data.init_args.KEY VALUE`` overrides."""
+    from pathlib import Path
+
+    import yaml
+
+    from ..data.ct import CTPretrainData
+    from ..errors import ConfigError, Spark3dError
+
+    try:
+        config = yaml.safe_load(Path(config_path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {config_path}: {err}") from None
+    data = config.get("data") or {}
+    class_path = str(data.get("class_path", ""))
+    if class_path.split(".")[-1] != CTPretrainData.__name__:
+        raise ConfigError(f"{config_path}: data.class_path is '{class_path}'; preprocess needs a CT pretraining config "
+                          "(spark3d.data.CTPretrainData)")
+    init_args = dict(data.get("init_args") or {})
+    if len(overrides) % 2:
+        raise ConfigError(f"override {overrides[-1]} has no value")
+    for key, value in zip(overrides[::2], overrides[1::2]):
+        name = key.removeprefix("--data.init_args.").removeprefix("--data.")
+        if not key.startswith("--data.") or "." in name:
+            raise ConfigError(f"unknown option {key} (overrides are --data.init_args.KEY VALUE)")
+        init_args[name] = yaml.safe_load(value)
+    try:
+        return CTPretrainData(**init_args)
+    except Spark3dError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{config_path}: data.init_args: {err}") from None
+
+
+def run_preprocess(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spark3d preprocess",
+        description="Write the CT store of a pretraining config: each volume of its datalist through the deterministic "
+        "chain (RAS, spacing, intensity window, foreground crop) once, as a memory-mappable float16 .npy, plus a "
+        "manifest. Resumable (finished volumes are skipped); --shard i/n splits the corpus (a job array), --merge "
+        "joins the shards. Pretrain from it with --data.init_args.store STORE. Extra --data.init_args.KEY VALUE "
+        "options override the config.",
+    )
+    parser.add_argument("--config", help="a CT pretraining config (data: spark3d.data.CTPretrainData)")
+    parser.add_argument("--out", required=True, help="the store folder")
+    parser.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="i/n",
+                        help="process volumes k with k %% n == i and write manifest-shard-i-of-n.json (default 0/1)")
+    parser.add_argument("--merge", action="store_true", help="join every shard manifest of --out into manifest.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, overrides = parser.parse_known_args(argv)
+    from ..data.store import merge_shards, write_store
+
+    if args.merge:
+        if args.config or overrides:
+            parser.error("--merge reads the shard manifests only: give --out alone")
+        print(f"spark3d preprocess: {merge_shards(args.out)}")
+        return 0
+    if not args.config:
+        parser.error("--config is required (unless --merge)")
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    dm = _pretrain_data_module(args.config, overrides)
+    train, val = dm.source_files()  # every file checked before anything is written
+    splits = {"training": [e["image"] for e in train], "validation": [e["image"] for e in val]}
+    index, count = args.shard
+    progress = None if args.no_progress else (
+        lambda items: tqdm(items, desc=f"preprocess {index}/{count}" if count > 1 else "preprocess", unit="vol"))
+    counts = write_store(splits, args.out, dm.store_settings(), str(Path(dm.datalist).absolute()), args.shard, progress)
+    manifest = "manifest.json" if count == 1 else f"manifest-shard-{index}-of-{count}.json"
+    print(f"spark3d preprocess: {counts['volumes']} volumes ({counts['written']} written, {counts['skipped']} already "
+          f"done) -> {Path(args.out) / manifest}")
+    return 0

@@ -18,6 +18,8 @@ def shard_for_rank(items: Sequence[Any], trainer: Any, even: bool = True) -> lis
         return list(items)
     if even and len(items) < world:
         raise DataError(f"{len(items)} cases cannot be shared among {world} processes")
+    if not even:  # every item once (partition_dataset's layout, and it refuses fewer items than processes)
+        return list(items)[trainer.global_rank::world]
     return md.partition_dataset(list(items), num_partitions=world, shuffle=False, even_divisible=even)[trainer.global_rank]
 
 

@@ -1,23 +1,27 @@
-"""Lightning data module for CT pretraining: a datalist or a folder of NIfTI volumes → random ROI crops."""
+"""Lightning data module for CT pretraining: a datalist, a folder of NIfTI volumes or a CT store → random ROI crops."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from monai import data as md
 from monai import transforms as mt
 
 from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
 from .datalist import DataError, check_volume, folder_datalist, load_datalist
+from .store import StoreSettings, open_store
+from .store_dataset import EpochSampler, StoreCropDataset
 from .transforms import ct_pretrain_augment, ct_preprocess
 
 __all__ = ["CTPretrainData"]
 
 
 class CTPretrainData(Spark3dDataModule):
-    """CT volumes for SparK pretraining, through MONAI transforms and a cache of the deterministic part.
+    """CT volumes for SparK pretraining: MONAI transforms with a cache of the deterministic part, or crops read
+    from a preprocessed CT store (``store``), each rank reading its own shard with its own random stream.
 
     Args:
         datalist: a decathlon-style JSON (``training`` list; ``validation`` used when present) or a
@@ -29,11 +33,17 @@ class CTPretrainData(Spark3dDataModule):
         intensity_range: HU window mapped to [0, 1] (pretraining default −1000..1000).
         cache: ``"ram"`` (MONAI CacheDataset), ``"disk"`` (PersistentDataset in ``cache_dir``) or ``"none"``.
         num_workers: data loader workers.
+        flip_prob: probability of a random flip along each axis.
+        intensity_jitter: scale and shift each crop's intensities by up to ± this (0: off).
+        channels: image channels of every volume (checked against a store).
+        store: a preprocessed CT store (``spark3d preprocess --config CFG --out STORE``): crops are read from its
+            memory-mapped volumes, nothing is cached, ``cache`` does not apply; its settings must match these.
+            ``datalist`` may then be null (when given it must be the one the store was made from).
     """
 
     def __init__(
         self,
-        datalist: str,
+        datalist: str | None = None,
         roi_size: Sequence[int] = (96, 96, 96),
         num_samples: int = 2,
         batch_size: int = 1,
@@ -45,8 +55,13 @@ class CTPretrainData(Spark3dDataModule):
         train_key: str = "training",
         val_key: str | None = "validation",
         flip_prob: float = 0.5,
+        intensity_jitter: float = 0.0,
+        channels: int = 1,
+        store: str | None = None,
     ) -> None:
         super().__init__()
+        if datalist is None and store is None:
+            raise DataError("data.datalist or data.store must be given")
         if cache not in ("ram", "disk", "none"):
             raise DataError(f"data.cache must be 'ram', 'disk' or 'none', got '{cache}'")
         if cache == "disk" and not cache_dir:
@@ -63,8 +78,11 @@ class CTPretrainData(Spark3dDataModule):
         self.train_key = train_key
         self.val_key = val_key
         self.flip_prob = flip_prob
-        self.train_files: list[dict] | None = None
-        self.val_files: list[dict] = []
+        self.intensity_jitter = float(intensity_jitter)
+        self.channels = int(channels)
+        self.store = store
+        self.train_files: list | None = None  # datalist entries, or StoreVolume records with a store
+        self.val_files: list = []
 
     # ------------------------------------------------------------------------------ checks
     @property
@@ -77,9 +95,25 @@ class CTPretrainData(Spark3dDataModule):
                 "orientation": "RAS"}
 
     def validate(self) -> None:
-        """Resolve and check every file (exists, readable header, 3D) before anything is written."""
+        """Resolve and check every file (exists, readable header, 3D), or the store (settings as configured,
+        every volume a whole array of the recorded shape), before anything is written."""
         if self.train_files is not None:
             return
+        if self.store is not None:
+            store = open_store(self.store)
+            store.check_agrees(self.store_settings(), self.datalist)
+            store.check_files()
+            train, val = store.volumes("training"), store.volumes("validation")
+            if not train:
+                raise DataError(f"store {self.store} holds no training volumes")
+        else:
+            train, val = self.source_files()
+        self.train_files, self.val_files = train, val
+
+    def source_files(self) -> tuple[list[dict], list[dict]]:
+        """The datalist's training and validation entries, each file checked (exists, readable header, 3D)."""
+        if self.datalist is None:
+            raise DataError("data.datalist is not set")
         source = Path(self.datalist)
         if source.is_dir():
             train, val = folder_datalist(source), []
@@ -88,17 +122,32 @@ class CTPretrainData(Spark3dDataModule):
             val = load_datalist(source, self.val_key, required=False) if self.val_key else []
         for entry in train + val:
             check_volume(entry["image"], spatial_dims=3)
-        self.train_files, self.val_files = train, val
+        return train, val
+
+    def store_settings(self) -> StoreSettings:
+        """The preprocessing settings a store for this data module is made with (and must have)."""
+        return StoreSettings(self.spacing, self.intensity_range, self.channels)
 
     # ------------------------------------------------------------------------------ datasets
     def preprocess(self) -> mt.Compose:
         return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size)
 
+    def jitter(self) -> list[mt.MapTransform]:
+        """Random intensity scale and shift of the crops (none when ``intensity_jitter`` is 0)."""
+        if self.intensity_jitter <= 0:
+            return []
+        return [mt.RandScaleIntensityd("image", factors=self.intensity_jitter, prob=1.0),
+                mt.RandShiftIntensityd("image", offsets=self.intensity_jitter, prob=1.0)]
+
     def setup(self, stage: str | None = None) -> None:
         self.validate()
+        if self.store is not None:
+            self.setup_store()
+            return
         pre = self.preprocess()
         # flattened: caching datasets cache up to the first random transform, and a nested Compose counts as one
-        train_tf = mt.Compose([pre, ct_pretrain_augment(self.roi_size, self.num_samples, self.flip_prob)]).flatten()
+        augment = [ct_pretrain_augment(self.roi_size, self.num_samples, self.flip_prob), *self.jitter()]
+        train_tf = mt.Compose([pre, *augment]).flatten()
         self.train_ds = cached_dataset(shard_for_rank(self.train_files, self.trainer), train_tf, self.cache, self.cache_dir)
         self.val_ds = None
         if self.val_files:
@@ -106,9 +155,25 @@ class CTPretrainData(Spark3dDataModule):
             self.val_ds = cached_dataset(shard_for_rank(self.val_files, self.trainer, even=False), val_tf, self.cache,
                                          self.cache_dir)
 
+    def setup_store(self) -> None:
+        """Datasets reading crops from the store: this rank's shard of the volumes, its own random stream."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        seed = torch.initial_seed()  # what seed_everything set: the same on every rank and on resume
+        common = {"roi_size": self.roi_size, "seed": seed, "stream": rank}
+        self.train_ds = StoreCropDataset(shard_for_rank(self.train_files, self.trainer), num_samples=self.num_samples,
+                                         flip_prob=self.flip_prob, intensity_jitter=self.intensity_jitter, **common)
+        self.val_ds = None
+        if self.val_files:
+            self.val_ds = StoreCropDataset(shard_for_rank(self.val_files, self.trainer, even=False), center=True, **common)
+
     def train_dataloader(self) -> md.DataLoader:
+        drop_last = len(self.train_ds) > self.batch_size
+        if self.store is not None:
+            sampler = EpochSampler(len(self.train_ds), self.train_ds.seed, self.train_ds.stream)
+            return md.DataLoader(self.train_ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0, drop_last=drop_last)
         return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0, drop_last=len(self.train_ds) > self.batch_size)
+                             persistent_workers=self.num_workers > 0, drop_last=drop_last)
 
     def val_dataloader(self):
         if self.val_ds is None:
