@@ -87,7 +87,7 @@ def library_versions() -> dict[str, str]:
     import nibabel
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"spark3d": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0],
             "numpy": np.__version__, "nibabel": nibabel.__version__}
