@@ -77,6 +77,18 @@ def test_masked_content_does_not_reach_prediction(case):
     assert (pred - x).abs().max() > 1e-3  # the prediction is not a copy of the input
 
 
+def test_anisotropic_stage_strides_give_their_own_token_grid():
+    """Per-axis stage strides (4, 2, (2, 2, 1)): patches of 16 x 16 x 8, a (4, 4, 4) grid for (64, 64, 32); no leak."""
+    model = ConvMAE.from_preset("tiny", spatial_dims=3, in_channels=1, input_size=(64, 64, 32), strides=[4, 2, [2, 2, 1]])
+    assert model.patch_size == (16, 16, 8) and model.mask_grid == (4, 4, 4)
+    x = _input("3d")
+    mask = _mask(model)
+    x_noisy = torch.where(upsample_mask(mask, x.shape[2:]), x, 1e3 * torch.randn_like(x))
+    with torch.no_grad():
+        out, out_noisy = model(x, mask=mask), model(x_noisy, mask=mask)
+    assert out.pred.shape == x.shape and rel(out_noisy.pred, out.pred) < 1e-5
+
+
 def test_unconverted_conv_stage_would_leak():
     """The leak check can fail: with the layers of stage 1 ignoring the mask, masked content gets in
     (through the depthwise conv: every other layer of the stage reads its own site or token only)."""
