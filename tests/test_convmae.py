@@ -306,6 +306,7 @@ def test_demo_convmae_pretrain_finetune_evaluate_through_the_cli(tmp_path, caplo
     assert export["meta"]["method"] == "convmae" and export["meta"]["backbone"] == "convmae_tiny"
     assert export["meta"]["token_grid"] == [2, 2, 2] and export["meta"]["strides"][-1] == [16, 16, 16]
     assert list((pre / "figures").glob("*.png")) and "train/loss" in (pre / "metrics.csv").read_text()
+    assert (pre / "checkpoints" / "last.ckpt").is_file()
 
     common = ["--config", str(CONFIG_DIR / "finetune" / "demo_convmae_ct.yaml"), "--data.init_args.datalist",
               str(datalist), "--data.init_args.roi_size", "[32, 32, 16]", "--data.init_args.spacing", "[8.0, 8.0, 8.0]"]
