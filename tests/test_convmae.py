@@ -1,9 +1,7 @@
 """ConvMAE in 2D and 3D: no leak, visible-only transformer, exact masked convolution, any grid, it learns,
 bf16, the encoder round trip into the segmentation network, and the CLI end to end."""
 
-import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from spark3d.methods import build_method
 from spark3d.sparse import is_sparse
 
 from conftest import rel
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -122,7 +121,7 @@ def test_transformer_blocks_receive_exactly_the_visible_tokens(case):
     # the first block's input: the visible tokens of the stage-3 patch embedding, in raster order, with positions
     stage3 = model.encoder.stage3
     with torch.no_grad(), model.ctx.use(mask):
-        f4, f8 = model.forward_conv_stages(x, mask)
+        _, f8 = model.forward_conv_stages(x, mask)
         all_bld = stage3.proj(tokens_of(stage3.embed(f8))) + sincos_position_embedding(model.mask_grid, d)
     expected = all_bld[mask.flatten(1)].view(2, k, d)  # boolean selection, independent of the gather
     assert rel(seen[0], expected) < 1e-6
