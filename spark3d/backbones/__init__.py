@@ -1,6 +1,7 @@
 """The backbone table: one entry per network family (builder, taps, fine-tuning network), read by every consumer."""
 
 from . import monai, timm  # noqa: F401  (each registers its families)
+from . import hybrid  # noqa: F401,E402  (ConvMAE's conv + ViT network; after the SparK families)
 from .registry import (
     Backbone, BackboneSpec, Example, build_network, build_segmentation_network, encoder_children, encoder_module_of,
     examples, find, lookup, register, registered, unregister,

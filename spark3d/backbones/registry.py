@@ -49,6 +49,7 @@ class Backbone:
         trusted: block classes of the family known to compose covered layers position-wise (the sparse
             converter's override for custom blocks it cannot judge).
         examples: small configurations the tests parameterise over.
+        methods: the pretraining methods (names in the method table) its networks work with.
     """
 
     family: str
@@ -63,6 +64,7 @@ class Backbone:
     recognises: Callable[[nn.Module], bool] | None = None
     trusted: tuple[type, ...] = ()
     examples: tuple[Example, ...] = ()
+    methods: tuple[str, ...] = ("spark",)
 
     def builds(self, name: str) -> bool:
         return self.names is None or name.lower() in self.names
@@ -108,10 +110,11 @@ def registered() -> list[Backbone]:
     return list(_TABLE)
 
 
-def examples() -> list[tuple[Example, "BackboneSpec"]]:
-    """Every entry's example configurations with their descriptions (what the tests parameterise over)."""
+def examples(method: str | None = "spark") -> list[tuple[Example, "BackboneSpec"]]:
+    """The example configurations, with their descriptions, of every entry that works with ``method``
+    (``None``: of every entry): what the tests parameterise over."""
     return [(ex, BackboneSpec(ex.name, b.source, ex.spatial_dims, ex.in_channels, dict(ex.kwargs)))
-            for b in _TABLE for ex in b.examples]
+            for b in _TABLE if method is None or method in b.methods for ex in b.examples]
 
 
 def lookup(source: str, name: str) -> Backbone:

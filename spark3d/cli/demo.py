@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
+# method → (pretraining config, fine-tuning config, what is pretrained), both configs under CONFIG_DIR
+METHOD_CONFIGS = {
+    "spark": ("demo_ct.yaml", "demo_ct.yaml", "SparK pretraining (MONAI SegResNet, 48³ crops, mask ratio 0.6)"),
+    "convmae": ("demo_convmae_ct.yaml", "demo_convmae_ct.yaml",
+                "ConvMAE pretraining (tiny hybrid conv + ViT, 64×64×48 crops, mask ratio 0.75)"),
+}
 
 
 def _epoch_losses(metrics_csv: Path, column: str) -> list[float]:
@@ -25,6 +31,8 @@ def run_demo(argv: list[str]) -> int:
         "with SparK on them, fine-tune it on the 13 organs, evaluate per-organ Dice and predict the test "
         "phantoms. No data or network needed; under 10 minutes on 2 CPU cores.",
     )
+    parser.add_argument("--method", choices=sorted(METHOD_CONFIGS), default="spark",
+                        help="pretraining method (default: spark; convmae pretrains a hybrid conv + ViT encoder)")
     parser.add_argument("--out", default="spark3d_demo", help="output folder (default: ./spark3d_demo)")
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the demo config's)")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: the config's)")
@@ -43,8 +51,9 @@ def run_demo(argv: list[str]) -> int:
     else:
         print(f"[1/5] using the phantoms already in {out / 'data'}", file=sys.stderr)
     run_dir = out / "pretrain"
-    print(f"[2/5] SparK pretraining (MONAI SegResNet, 48³ crops, mask ratio 0.6) into {run_dir} …", file=sys.stderr)
-    cli_args = ["--config", str(CONFIG_DIR / "pretrain" / "demo_ct.yaml"),
+    pretrain_config, finetune_config, what = METHOD_CONFIGS[args.method]
+    print(f"[2/5] {what} into {run_dir} …", file=sys.stderr)
+    cli_args = ["--config", str(CONFIG_DIR / "pretrain" / pretrain_config),
                 "--data.init_args.datalist", str(datalist), "--trainer.default_root_dir", str(run_dir)]
     if args.epochs is not None:
         cli_args += ["--trainer.max_epochs", str(args.epochs)]
@@ -57,8 +66,8 @@ def run_demo(argv: list[str]) -> int:
     t_pretrain = time.time() - t0
 
     ft_dir = out / "finetune"
-    print(f"[3/5] fine-tuning the pretrained SegResNet on the 13 phantom organs into {ft_dir} …", file=sys.stderr)
-    ft_config = str(CONFIG_DIR / "finetune" / "demo_ct.yaml")
+    print(f"[3/5] fine-tuning the pretrained encoder on the 13 phantom organs into {ft_dir} …", file=sys.stderr)
+    ft_config = str(CONFIG_DIR / "finetune" / finetune_config)
     common = ["--config", ft_config, "--data.init_args.datalist", str(datalist)]
     ft_args = [*common, "--model.init_args.pretrained", str(run_dir / "encoder.pt"),
                "--trainer.default_root_dir", str(ft_dir)]
@@ -90,7 +99,7 @@ def run_demo(argv: list[str]) -> int:
     if summary.get("mean_dice") is not None:
         print(f"fine-tuned mean Dice over the 13 organs (validation phantoms): {summary['mean_dice']:.3f}")
     print(f"phantoms (BTCV layout) : {out / 'data'}")
-    print(f"pretrained encoder     : {run_dir / 'encoder.pt'}  (dense SegResNet keys; torch.load(weights_only=True))")
+    print(f"pretrained encoder     : {run_dir / 'encoder.pt'}  (fine-tuning network's keys; torch.load(weights_only=True))")
     print(f"pretraining run        : {run_dir}  (checkpoints/, metrics.csv, tensorboard/, figures/)")
     print(f"fine-tuning run        : {ft_dir}")
     print(f"Dice per case / organ  : {out / 'evaluate' / 'dice_per_case.csv'}, summary.json")

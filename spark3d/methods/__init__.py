@@ -8,12 +8,16 @@ from typing import Any, Sequence
 from ..backbones import BackboneSpec
 from ..errors import ConfigError
 from .common import MaskedModelingMethod, MaskedModelOutput, patchify, unpatchify
+from .convmae import ConvMAE
 from .spark import SparK, SparKOutput
 
-__all__ = ["METHODS", "build_method", "MaskedModelingMethod", "MaskedModelOutput", "SparK", "SparKOutput",
+__all__ = ["METHODS", "build_method", "MaskedModelingMethod", "MaskedModelOutput", "SparK", "SparKOutput", "ConvMAE",
            "patchify", "unpatchify"]
 
-METHODS: dict[str, type[MaskedModelingMethod]] = {"spark": SparK}
+METHODS: dict[str, type[MaskedModelingMethod]] = {
+    "spark": SparK,
+    "convmae": ConvMAE,
+}
 
 
 def build_method(name: str, spec: BackboneSpec, input_size: Sequence[int], mask_ratio: float,
