@@ -2,8 +2,9 @@
 
 :class:`HierarchicalEncoder` runs the wrapped network's own ``forward``, captures the outputs of the
 tapped submodules with forward hooks and stops right after the last one (a U-Net's decoder never
-runs). A probe pass at construction measures each level's channels and per-axis stride and records
-which modules take part in encoding (those are converted, checked and exported), and at which level.
+runs). A probe pass at construction measures each level's channels and per-axis stride, records
+which modules take part in encoding (those are converted, checked and exported) and at which level,
+and traces every operation they run outside covered layers (``op_trace``: what the converter judges).
 :func:`from_timm`, :func:`from_monai` and :func:`from_spec` build encoders from the backbone table.
 """
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .backbones import BackboneSpec, build_network, lookup, registered, timm_taps
+from .sparse import OpTrace, trace_ops
 
 __all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_spec", "make_encoder"]
 
@@ -81,6 +83,7 @@ class HierarchicalEncoder(nn.Module):
             modules[name].register_forward_hook(_TapHook(self, name))
         probe = probe_size if probe_size is not None else 64
         probe = (probe,) * self.spatial_dims if isinstance(probe, int) else tuple(probe)
+        self.op_trace = OpTrace()  # what the probe pass ran outside covered layers (sparse.trace)
         self.taps, self.channels, self.strides, self.participating, self.module_levels = self._probe(list(taps), probe)
 
     def _on_tap(self, name: str, output: Any) -> None:
@@ -116,7 +119,10 @@ class HierarchicalEncoder(nn.Module):
         try:
             device = next(self.network.parameters(), torch.empty(0)).device
             x = torch.zeros(1, self.in_channels, *probe, device=device)
-            feats = self._run(x)
+            recorder = trace_ops(self.network, self.spatial_dims)
+            with recorder:
+                feats = self._run(recorder.input(x))
+            self.op_trace = recorder.trace
         finally:
             self._called = None
             for h in handles:
