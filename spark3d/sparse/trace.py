@@ -329,11 +329,14 @@ class OpRecorder(TorchFunctionMode):
 
     def input(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """Mark ``x`` as the network input: ``(B, C, *S)`` (or ``(B, *S, C)``); returns it."""
+        self._layouts[x] = self._canonical(x, channels_last)
+        return x
+
+    @staticmethod
+    def _canonical(x: torch.Tensor, channels_last: bool = False) -> Layout:
         spatial = tuple(((k, 0),) for k in range(x.ndim - 2))
         batch, channels = (("B", 0),), (("C", 0),)
-        layout = (batch, *spatial, channels) if channels_last else (batch, channels, *spatial)
-        self._layouts[x] = _fit(layout, x.shape)
-        return x
+        return _fit((batch, *spatial, channels) if channels_last else (batch, channels, *spatial), x.shape)
 
     def _enter_module(self, path: str, kind: str | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._busy += 1
@@ -346,8 +349,9 @@ class OpRecorder(TorchFunctionMode):
                     problem = channels_first_problem(layout, self.spatial_dims)
                 else:
                     problem = "it normalises its last axis, which holds positions" if _has_pos(layout[-1]) else None
-                if problem:
+                if problem:  # judged here; its output starts afresh, so one cause gives one refusal
                     self._record(path, module, f"{type(module).__name__} (input)", "refused", problem)
+                    layout = self._canonical(x)
             self._stack.append((path, module, kind, (layout, None if x is None else tuple(x.shape))))
             self._covered_depth += kind is not None
         finally:
