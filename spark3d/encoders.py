@@ -5,7 +5,8 @@ tapped submodules with forward hooks and stops right after the last one (a U-Net
 runs). A probe pass at construction measures each level's channels and per-axis stride, records
 which modules take part in encoding (those are converted, checked and exported) and at which level,
 and traces every operation they run outside covered layers (``op_trace``: what the converter judges).
-:func:`from_timm`, :func:`from_monai` and :func:`from_spec` build encoders from the backbone table.
+:func:`from_timm`, :func:`from_monai`, :func:`from_nnunet` and :func:`from_spec` build encoders from the
+backbone table.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from .backbones import BackboneSpec, build_network, lookup, registered, timm_taps
 from .sparse import OpTrace, trace_ops
 
-__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_spec", "make_encoder"]
+__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_nnunet", "from_spec", "make_encoder"]
 
 
 class _StopEncoding(Exception):
@@ -221,7 +222,31 @@ def from_monai(
         lookup("monai", name_or_network.lower())  # a clear error for unknown names
         spec = BackboneSpec(name_or_network.lower(), "monai", spatial_dims, in_channels, dict(kwargs))
         return from_spec(spec, probe_size)
-    network = name_or_network
+    return _from_instance(name_or_network, "monai-instance", spatial_dims, in_channels, probe_size)
+
+
+def from_nnunet(
+    name_or_network: str | nn.Module = "resenc_l",
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    probe_size: int | Sequence[int] = 64,
+    **kwargs: Any,
+) -> HierarchicalEncoder:
+    """Encoder over nnU-Net's ``ResidualEncoderUNet`` (``resenc_m``, ``resenc_l``, ``resenc_xl``) or
+    ``PlainConvUNet`` (``plainconv``), by name or instance, tapped at ``encoder.stages.0 … N``.
+
+    ``kwargs`` override the preset (``features_per_stage``, ``strides``, ``kernel_sizes``, ``patch_size`` +
+    ``spacing``, …; see :func:`spark3d.backbones.nnunet_kwargs`). Needs ``pip install 'spark3d[nnunet]'``.
+    """
+    if isinstance(name_or_network, str):
+        lookup("nnunet", name_or_network.lower())
+        spec = BackboneSpec(name_or_network.lower(), "nnunet", spatial_dims, in_channels, dict(kwargs))
+        return from_spec(spec, probe_size)
+    return _from_instance(name_or_network, "nnunet-instance", spatial_dims, in_channels, probe_size)
+
+
+def _from_instance(network: nn.Module, source: str, spatial_dims: int, in_channels: int,
+                   probe_size: int | Sequence[int] | None) -> HierarchicalEncoder:
     entry = next((b for b in registered() if b.recognises is not None and b.recognises(network)), None)
     if entry is None:
         raise ValueError(
@@ -229,8 +254,7 @@ def from_monai(
             "naming the submodules whose outputs are the encoder levels"
         )
     builder = functools.partial(copy.deepcopy, copy.deepcopy(network))  # same architecture, fresh object
-    meta = {"source": "monai-instance", "name": type(network).__name__, "spatial_dims": spatial_dims,
-            "in_channels": in_channels}
+    meta = {"source": source, "name": type(network).__name__, "spatial_dims": spatial_dims, "in_channels": in_channels}
     return HierarchicalEncoder(network, entry.taps(network), spatial_dims, in_channels, probe_size=probe_size,
                                builder=builder, meta=meta)
 

@@ -129,13 +129,13 @@ def _recognises(network: nn.Module) -> bool:
         "dynamic_network_architectures")
 
 
-_SMALL = {"features_per_stage": [4, 8, 8, 16]}
+_SMALL = {"features_per_stage": [4, 8, 8, 16], "n_blocks_per_stage": [1, 1, 2, 2]}
 register(Backbone(
     family="nnunet", source="nnunet", names=(*RESENC_PRESETS, "plainconv"), spatial_dims=(2, 3), build=_build,
     taps=_taps, segmentation=_build, seg_encoder_modules=("encoder",), recognises=_recognises,
     # examples only where the optional package is installed (the tests parameterise over them)
     examples=(Example("nnunet-resenc-3d-aniso", "resenc_l", 3, 1, (32, 32, 16),
                       {**_SMALL, "strides": [1, [2, 2, 1], 2, 2], "kernel_sizes": [[3, 3, 1], 3, 3, 3]}),
-              Example("nnunet-plainconv-2d", "plainconv", 2, 1, (64, 64), _SMALL))
+              Example("nnunet-plainconv-2d", "plainconv", 2, 1, (64, 64), {"features_per_stage": [4, 8, 8, 16]}))
     if importlib.util.find_spec("dynamic_network_architectures") is not None else (),
 ))
