@@ -98,14 +98,15 @@ def refusal_report(name: str, err: UnsafeLayerError) -> str:
 
 
 def build_encoder(name: str, spatial_dims: int | None = None, in_channels: int | None = None,
-                  backbone_kwargs: dict[str, Any] | None = None) -> HierarchicalEncoder:
+                  backbone_kwargs: dict[str, Any] | None = None,
+                  probe_size: int | Sequence[int] | None = None) -> HierarchicalEncoder:
     """An encoder from a backbone-table name (``resnet18``, ``segresnet``, ``resenc_l``, …; ``source/name`` forces
     the source), any other name being a timm model; 2D with 3 channels for 2D-only families, else 3D with 1 channel."""
     spec = find(name)
     dims = spec.entry.spatial_dims
     sd = spatial_dims or (3 if 3 in dims else dims[0])
     return from_spec(BackboneSpec(spec.name, spec.source, sd, in_channels or (1 if 3 in dims else 3),
-                                  dict(backbone_kwargs or {})))
+                                  dict(backbone_kwargs or {})), probe_size)
 
 
 def check_backbone(
