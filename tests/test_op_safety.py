@@ -119,7 +119,7 @@ def test_global_mean_and_max_of_a_user_gate_are_visible_site_statistics():
 
 class Resampler(nn.Module):
     def forward(self, x):
-        return F.interpolate(x, scale_factor=0.5, mode="trilinear")
+        return F.interpolate(x, size=x.shape[2:], mode="trilinear")
 
 
 class OwnWeightConv(nn.Module):
