@@ -159,11 +159,14 @@ class HierarchicalEncoder(nn.Module):
         return [captured[t] for t in self.taps]
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers of the modules that took part in encoding, in dense-network key names."""
+        """Parameters and buffers of the modules that took part in encoding, in dense-network key names
+        (under every name a module is registered by: nnU-Net's blocks register each layer twice)."""
+        modules = dict(self.network.named_modules(remove_duplicate=False))
+        taking_part = {id(m) for name, m in self.network.named_modules() if name in self.participating}
         out = {}
         for key, value in self.network.state_dict().items():
             owner = key.rsplit(".", 1)[0] if "." in key else ""
-            if owner in self.participating:
+            if id(modules.get(owner)) in taking_part:
                 out[key] = value
         return out
 
