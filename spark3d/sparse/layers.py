@@ -180,7 +180,7 @@ class VisibleGlobalPooling(TorchFunctionMode):
 
 
 class SparseGlobalPoolMixin(SparseLayer):
-    """A block that pools globally itself (e.g. ``x.mean((2, 3))``): its forward runs under :class:`VisibleGlobalPooling`."""
+    """A block that pools globally itself (``x.mean((2, 3))``): its forward runs under :class:`VisibleGlobalPooling`."""
 
     def forward(self, *args, **kwargs):
         ctx = getattr(self, "_sparse_ctx", None)
