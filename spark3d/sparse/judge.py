@@ -57,8 +57,6 @@ _RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", 
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "T", "mT", "H", "mH",
              "adjoint"}
 _MATMULS = {"matmul", "mm", "bmm", "rmatmul"}
-_IGNORED = set("""size dim numel stride is_contiguous is_floating_point is_complex element_size data_ptr storage_offset
-get_device len bool format repr hash index nelement ndimension has_names is_nonzero is_same_size""".split())
 _MIXERS = {
     "a convolution called functionally reads neighbouring positions (an nn.Conv layer is covered)":
         "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d conv_tbc convolution".split(),
