@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from ..errors import ConfigError
 from .registry import Backbone, Example, register
 
 __all__ = ["RESENC_PRESETS", "nnunet_topology", "nnunet_kwargs"]
@@ -112,7 +113,8 @@ def _build(name: str, spatial_dims: int, in_channels: int, out_channels: int = 2
     try:
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
     except ImportError:
-        raise ImportError("nnU-Net networks need dynamic-network-architectures: pip install 'spark3d[nnunet]'") from None
+        raise ConfigError(f"backbone '{name}' (source nnunet) needs dynamic-network-architectures: "
+                          "pip install 'spark3d[nnunet]'") from None
     cls = ResidualEncoderUNet if name in RESENC_PRESETS else PlainConvUNet
     network = cls(**nnunet_kwargs(name, spatial_dims, in_channels, out_channels, **kw))
     if hasattr(network, "initialize"):

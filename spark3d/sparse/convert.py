@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..errors import Spark3dError
 from .context import MaskContext
 from .layers import (
     SparseAvgPoolMixin, SparseConvMixin, SparseGlobalPoolMixin, SparseLayer, SparseLayerNormMixin, SparseMaxPoolMixin,
@@ -30,8 +31,11 @@ __all__ = ["UnsafeLayerError", "sparsify", "desparsify", "is_sparse", "find_unsa
            "trace_ops", "probe_trace", "refusal_lines"]
 
 
-class UnsafeLayerError(RuntimeError):
-    """Operations that mix positions and have no sparse version; ``refusals`` holds one :class:`TracedOp` each."""
+class UnsafeLayerError(Spark3dError, RuntimeError):
+    """Operations that mix positions and have no sparse version; ``refusals`` holds one :class:`TracedOp` each.
+
+    A user error (the CLI shows it without a traceback) and, as before, a ``RuntimeError``.
+    """
 
     def __init__(self, message: str, refusals: Sequence[TracedOp] = ()) -> None:
         super().__init__(message)
