@@ -37,14 +37,14 @@ class UserResidualBlock(nn.Module):
 
 
 class ChannelGate(nn.Module):
-    """CBAM-style channel attention: functional global mean and max, a shared MLP as 1x1 convs."""
+    """CBAM-style channel attention: functional global average and max pooling, a shared MLP as 1x1 convs."""
 
     def __init__(self, c):
         super().__init__()
         self.fc = nn.Sequential(nn.Conv3d(c, c, 1), nn.ReLU(), nn.Conv3d(c, c, 1))
 
     def forward(self, x):
-        avg = x.mean((2, 3, 4), keepdim=True)
+        avg = F.adaptive_avg_pool3d(x, 1)
         top = x.amax(dim=(-3, -2, -1), keepdim=True)
         return x * torch.sigmoid(self.fc(avg) + self.fc(top))
 

@@ -131,6 +131,13 @@ def _recognises(network: nn.Module) -> bool:
         "dynamic_network_architectures")
 
 
+def _installed() -> bool:
+    try:
+        return importlib.util.find_spec("dynamic_network_architectures") is not None
+    except (ImportError, ValueError, AttributeError):
+        return False
+
+
 _SMALL = {"features_per_stage": [4, 8, 8, 16], "n_blocks_per_stage": [1, 1, 2, 2]}
 register(Backbone(
     family="nnunet", source="nnunet", names=(*RESENC_PRESETS, "plainconv"), spatial_dims=(2, 3), build=_build,
@@ -139,5 +146,5 @@ register(Backbone(
     examples=(Example("nnunet-resenc-3d-aniso", "resenc_l", 3, 1, (32, 32, 16),
                       {**_SMALL, "strides": [1, [2, 2, 1], 2, 2], "kernel_sizes": [[3, 3, 1], 3, 3, 3]}),
               Example("nnunet-plainconv-2d", "plainconv", 2, 1, (64, 64), {"features_per_stage": [4, 8, 8, 16]}))
-    if importlib.util.find_spec("dynamic_network_architectures") is not None else (),
+    if _installed() else (),
 ))

@@ -110,7 +110,8 @@ def run_check_backbone(argv: list[str]) -> int:
         print(refusal_report(args.name, err))
         return 1
     except (ValueError, RuntimeError, ImportError, TypeError) as err:
-        print(f"spark3d check-backbone: {args.name}: {str(err).splitlines()[0]}", file=sys.stderr)
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        print(f"spark3d check-backbone: {args.name}: {first}", file=sys.stderr)
         return 2
     print(result.report())
     return 0 if result.ok else 1
