@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -12,8 +12,10 @@ from .backbones import BackboneSpec, find
 from .encoders import HierarchicalEncoder, from_spec
 from .masking import upsample_mask
 from .methods import SparK
+from .sparse import UnsafeLayerError, refusal_lines
 
-__all__ = ["CheckResult", "relative_difference", "leak_difference", "dense_difference", "check_backbone", "build_encoder"]
+__all__ = ["CheckResult", "relative_difference", "leak_difference", "dense_difference", "check_backbone", "build_encoder",
+           "refusal_report"]
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,6 +63,7 @@ class CheckResult:
     strides: list[tuple[int, ...]]
     leak: dict[str, float]
     dense: dict[str, float]
+    exact: Sequence[str] = ()  # global poolings made exact under a mask, one line per block kind
     leak_tol: float = 1e-5
     dense_tol: float = 1e-4
 
@@ -80,18 +83,30 @@ class CheckResult:
             f"strides         {[tuple(s) for s in self.strides]}",
             f"no leak         {verdict(self.leak, self.leak_tol)}",
             f"dense-equal     {verdict(self.dense, self.dense_tol)}",
+            *(f"exact pooling   {line}" for line in self.exact),
             f"verdict         {'safe for sparse masking' if self.ok else 'NOT safe for sparse masking'}",
         ]
         return "\n".join(lines)
 
 
-def build_encoder(name: str, spatial_dims: int | None = None, in_channels: int | None = None) -> HierarchicalEncoder:
-    """An encoder from a backbone-table name (``resnet18``, ``segresnet``, …; ``source/name`` forces the source),
-    any other name being a timm model; 2D with 3 channels for 2D-only families, else 3D with 1 channel."""
+def refusal_report(name: str, err: UnsafeLayerError) -> str:
+    """What ``check-backbone`` prints for a network the converter refuses: per refused op, where, what and why."""
+    lines = [f"backbone        {name}",
+             f"verdict         NOT safe for sparse masking: {len(err.refusals)} operation(s) mix positions",
+             "refused         module path (block class): op — why"]
+    return "\n".join(lines + [f"  {line}" for line in refusal_lines(err.refusals, max_paths=10**6)])
+
+
+def build_encoder(name: str, spatial_dims: int | None = None, in_channels: int | None = None,
+                  backbone_kwargs: dict[str, Any] | None = None,
+                  probe_size: int | Sequence[int] | None = None) -> HierarchicalEncoder:
+    """An encoder from a backbone-table name (``resnet18``, ``segresnet``, ``resenc_l``, …; ``source/name`` forces
+    the source), any other name being a timm model; 2D with 3 channels for 2D-only families, else 3D with 1 channel."""
     spec = find(name)
     dims = spec.entry.spatial_dims
     sd = spatial_dims or (3 if 3 in dims else dims[0])
-    return from_spec(BackboneSpec(spec.name, spec.source, sd, in_channels or (1 if 3 in dims else 3)))
+    return from_spec(BackboneSpec(spec.name, spec.source, sd, in_channels or (1 if 3 in dims else 3),
+                                  dict(backbone_kwargs or {})), probe_size)
 
 
 def check_backbone(
@@ -102,10 +117,14 @@ def check_backbone(
     mask_ratio: float = 0.6,
     batch_size: int = 2,
     seed: int = 0,
+    backbone_kwargs: dict[str, Any] | None = None,
 ) -> CheckResult:
-    """Run the no-leak and dense-equivalence checks on random data, in train and eval mode."""
+    """Run the no-leak and dense-equivalence checks on random data, in train and eval mode.
+
+    Raises :class:`~spark3d.sparse.UnsafeLayerError` (with ``refusals``) when the converter refuses the network.
+    """
     torch.manual_seed(seed)
-    encoder = build_encoder(name, spatial_dims, in_channels)
+    encoder = build_encoder(name, spatial_dims, in_channels, backbone_kwargs)
     sd = encoder.spatial_dims
     total = encoder.strides[-1]
     if size is None:
@@ -122,4 +141,5 @@ def check_backbone(
         dense.train(mode == "train")
         leak[mode] = leak_difference(model, x, mask)
         dense_diff[mode] = dense_difference(model, dense, x)
-    return CheckResult(name, list(encoder.channels), list(encoder.strides), leak, dense_diff)
+    exact = refusal_lines(encoder.op_trace.select("exact", encoder.participating))
+    return CheckResult(name, list(encoder.channels), list(encoder.strides), leak, dense_diff, exact)

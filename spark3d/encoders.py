@@ -2,9 +2,11 @@
 
 :class:`HierarchicalEncoder` runs the wrapped network's own ``forward``, captures the outputs of the
 tapped submodules with forward hooks and stops right after the last one (a U-Net's decoder never
-runs). A probe pass at construction measures each level's channels and per-axis stride and records
-which modules take part in encoding (those are converted, checked and exported), and at which level.
-:func:`from_timm`, :func:`from_monai` and :func:`from_spec` build encoders from the backbone table.
+runs). A probe pass at construction measures each level's channels and per-axis stride, records
+which modules take part in encoding (those are converted, checked and exported) and at which level,
+and traces every operation they run outside covered layers (``op_trace``: what the converter judges).
+:func:`from_timm`, :func:`from_monai`, :func:`from_nnunet` and :func:`from_spec` build encoders from the
+backbone table.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from torch import nn
 
 from .backbones import BackboneSpec, build_network, lookup, registered, timm_taps
+from .sparse import OpTrace, trace_ops
 
-__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_spec", "make_encoder"]
+__all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_nnunet", "from_spec", "make_encoder"]
 
 
 class _StopEncoding(Exception):
@@ -81,6 +84,7 @@ class HierarchicalEncoder(nn.Module):
             modules[name].register_forward_hook(_TapHook(self, name))
         probe = probe_size if probe_size is not None else 64
         probe = (probe,) * self.spatial_dims if isinstance(probe, int) else tuple(probe)
+        self.op_trace = OpTrace()  # what the probe pass ran outside covered layers (sparse.trace)
         self.taps, self.channels, self.strides, self.participating, self.module_levels = self._probe(list(taps), probe)
 
     def _on_tap(self, name: str, output: Any) -> None:
@@ -116,7 +120,10 @@ class HierarchicalEncoder(nn.Module):
         try:
             device = next(self.network.parameters(), torch.empty(0)).device
             x = torch.zeros(1, self.in_channels, *probe, device=device)
-            feats = self._run(x)
+            recorder = trace_ops(self.network, self.spatial_dims)
+            with recorder:
+                feats = self._run(recorder.input(x))
+            self.op_trace = recorder.trace
         finally:
             self._called = None
             for h in handles:
@@ -152,11 +159,14 @@ class HierarchicalEncoder(nn.Module):
         return [captured[t] for t in self.taps]
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers of the modules that took part in encoding, in dense-network key names."""
+        """Parameters and buffers of the modules that took part in encoding, in dense-network key names
+        (under every name a module is registered by: nnU-Net's blocks register each layer twice)."""
+        modules = dict(self.network.named_modules(remove_duplicate=False))
+        taking_part = {id(m) for name, m in self.network.named_modules() if name in self.participating}
         out = {}
         for key, value in self.network.state_dict().items():
             owner = key.rsplit(".", 1)[0] if "." in key else ""
-            if owner in self.participating:
+            if id(modules.get(owner)) in taking_part:
                 out[key] = value
         return out
 
@@ -215,7 +225,31 @@ def from_monai(
         lookup("monai", name_or_network.lower())  # a clear error for unknown names
         spec = BackboneSpec(name_or_network.lower(), "monai", spatial_dims, in_channels, dict(kwargs))
         return from_spec(spec, probe_size)
-    network = name_or_network
+    return _from_instance(name_or_network, "monai-instance", spatial_dims, in_channels, probe_size)
+
+
+def from_nnunet(
+    name_or_network: str | nn.Module = "resenc_l",
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    probe_size: int | Sequence[int] = 64,
+    **kwargs: Any,
+) -> HierarchicalEncoder:
+    """Encoder over nnU-Net's ``ResidualEncoderUNet`` (``resenc_m``, ``resenc_l``, ``resenc_xl``) or
+    ``PlainConvUNet`` (``plainconv``), by name or instance, tapped at ``encoder.stages.0 … N``.
+
+    ``kwargs`` override the preset (``features_per_stage``, ``strides``, ``kernel_sizes``, ``patch_size`` +
+    ``spacing``, …; see :func:`spark3d.backbones.nnunet_kwargs`). Needs ``pip install 'spark3d[nnunet]'``.
+    """
+    if isinstance(name_or_network, str):
+        lookup("nnunet", name_or_network.lower())
+        spec = BackboneSpec(name_or_network.lower(), "nnunet", spatial_dims, in_channels, dict(kwargs))
+        return from_spec(spec, probe_size)
+    return _from_instance(name_or_network, "nnunet-instance", spatial_dims, in_channels, probe_size)
+
+
+def _from_instance(network: nn.Module, source: str, spatial_dims: int, in_channels: int,
+                   probe_size: int | Sequence[int] | None) -> HierarchicalEncoder:
     entry = next((b for b in registered() if b.recognises is not None and b.recognises(network)), None)
     if entry is None:
         raise ValueError(
@@ -223,8 +257,7 @@ def from_monai(
             "naming the submodules whose outputs are the encoder levels"
         )
     builder = functools.partial(copy.deepcopy, copy.deepcopy(network))  # same architecture, fresh object
-    meta = {"source": "monai-instance", "name": type(network).__name__, "spatial_dims": spatial_dims,
-            "in_channels": in_channels}
+    meta = {"source": source, "name": type(network).__name__, "spatial_dims": spatial_dims, "in_channels": in_channels}
     return HierarchicalEncoder(network, entry.taps(network), spatial_dims, in_channels, probe_size=probe_size,
                                builder=builder, meta=meta)
 

@@ -57,7 +57,7 @@ def tiny_entry():
         build=lambda name, sd, ic, **kw: TinyEncoderNet(ic, **kw),
         taps=lambda net: ["stages.0", "stages.1", "stages.2"],
         segmentation=lambda name, sd, ic, oc, **kw: TinySegNet(ic, oc, **kw),
-        seg_encoder_prefix="encoder.", trusted=(TinyEncoderNet,),
+        seg_encoder_prefix="encoder.",
         examples=(Example("test-tinynet", "tinynet", 3, 1, (32, 32, 32)),),
     ))
     yield entry

@@ -4,6 +4,7 @@ exit code."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_check_backbone", "run_preprocess"]
@@ -78,22 +79,40 @@ def run_check_backbone(argv: list[str]) -> int:
         "the prediction, and with every cell visible the sparse encoder must equal the dense one.",
     )
     parser.add_argument("name", nargs="?", default="resnet18",
-                        help="a backbone-table name (MONAI: resnet10/18/34/50, segresnet, dynunet, mednext) or any timm "
+                        help="a backbone-table name (MONAI: resnet10/18/34/50, segresnet, dynunet, mednext; nnU-Net: "
+                        "resenc_m, resenc_l, resenc_xl, plainconv) or any timm "
                         "model name (prefix with the source to force it, e.g. timm/resnet18). Default: resnet18 (MONAI)")
     parser.add_argument("--spatial-dims", type=int, default=None, help="2 or 3 (MONAI default 3; timm is 2D)")
     parser.add_argument("--in-channels", type=int, default=None, help="input channels (MONAI default 1, timm 3)")
     parser.add_argument("--size", type=int, nargs="+", default=None, help="input size per axis (one value: cubic)")
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone-kwargs", default=None, metavar="JSON",
+                        help='constructor overrides as JSON, e.g. \'{"features_per_stage": [8, 16, 32, 64, 64, 64]}\'')
     args = parser.parse_args(argv)
-    from ..check import check_backbone
+    from ..check import check_backbone, refusal_report
     from ..sparse import UnsafeLayerError
 
     size = None if args.size is None else (args.size[0] if len(args.size) == 1 else tuple(args.size))
     try:
-        result = check_backbone(args.name, args.spatial_dims, args.in_channels, size, args.mask_ratio, seed=args.seed)
-    except (UnsafeLayerError, ValueError, RuntimeError) as err:
-        print(f"spark3d check-backbone: {args.name}: {err}", file=sys.stderr)
+        kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--backbone-kwargs must be a JSON object, got {args.backbone_kwargs}")
+    except json.JSONDecodeError as err:
+        print(f"spark3d check-backbone: --backbone-kwargs is not valid JSON: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = check_backbone(args.name, args.spatial_dims, args.in_channels, size, args.mask_ratio, seed=args.seed,
+                                backbone_kwargs=kwargs)
+    except UnsafeLayerError as err:
+        if not err.refusals:  # the network could not be probed at all
+            print(f"spark3d check-backbone: {args.name}: {err}", file=sys.stderr)
+            return 2
+        print(refusal_report(args.name, err))
+        return 1
+    except (ValueError, RuntimeError, ImportError, TypeError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        print(f"spark3d check-backbone: {args.name}: {first}", file=sys.stderr)
         return 2
     print(result.report())
     return 0 if result.ok else 1

@@ -40,7 +40,8 @@ class SparK(MaskedModelingMethod):
         decoder_norm: norm inside the decoder blocks.
         fusion: ``"add"`` (SparK) or ``"concat"`` for skip fusion in the decoder.
         norm_pix_loss: normalise each target patch by its own mean and variance.
-        trusted: extra block classes the converter may trust (they only compose covered layers).
+        trusted: block classes whose operations the converter does not judge (an override; safety is
+            otherwise decided from the operations the encoder's probe pass ran).
     """
 
     def __init__(
@@ -74,7 +75,8 @@ class SparK(MaskedModelingMethod):
                 p.requires_grad_(False)  # heads and U-Net decoders never run while pretraining (DDP needs this)
         self.ctx = MaskContext()
         self._trusted = tuple(trusted)
-        sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted)  # refuse early
+        sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted,
+                 trace=encoder.op_trace)  # refuse early
 
         width = decoder_width if decoder_width is not None else (768 if sd <= 2 else 256)
         self.decoder = LightDecoder(encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm, fusion=fusion)
@@ -112,9 +114,10 @@ class SparK(MaskedModelingMethod):
     def resparsify(self) -> None:
         """Convert encoder, densify norms and decoder (the decoder runs dense but syncs BatchNorm on any
         device); idempotent, so it also repairs layers something replaced (e.g. a SyncBatchNorm swap)."""
-        sparsify(self.encoder.network, self.ctx, only=self.encoder.participating, trusted=self._trusted)
+        sparsify(self.encoder.network, self.ctx, only=self.encoder.participating, trusted=self._trusted,
+                 trace=self.encoder.op_trace)
         sparsify(self.densify_norms, self.ctx)
-        sparsify(self.decoder, self.ctx)
+        sparsify(self.decoder, self.ctx, check=False)  # never runs under a mask: nothing to judge
 
     def set_batchnorm_sync(self, enabled: bool = True) -> int:
         """Sum BatchNorm statistics (visible sites only) over DDP processes, on CPU or GPU."""

@@ -7,7 +7,9 @@ Each behaviour is a mixin placed before the original class in a generated subcla
   masked at their own resolution (max pools ignore masked sites, average pools take visible means);
 - normalisations see visible sites only: the visible sites of each sample are packed into a
   ``(B, C, K, 1, …)`` tensor, the layer's *own* forward runs on it, and the result is scattered back;
-- masked sites are exactly zero after every converted layer.
+- masked sites are exactly zero after every converted layer;
+- a block that pools globally by itself (squeeze-excitation's ``x.mean((2, 3))``) runs under a function
+  mode that turns a global mean / max over a masked map into the mean / max over its visible sites.
 
 With no mask set in the context every converted layer computes exactly what the dense layer does.
 """
@@ -17,13 +19,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .context import MaskContext
 from .sync import needs_cross_process_sync, synced_batch_norm
 
 __all__ = [
     "SparseLayer", "SparseConvMixin", "SparseMaxPoolMixin", "SparseAvgPoolMixin", "SparseNormMixin",
-    "SparseLayerNormMixin",
+    "SparseLayerNormMixin", "SparseGlobalPoolMixin", "VisibleGlobalPooling", "match_global_pool",
 ]
 
 
@@ -116,3 +119,72 @@ class SparseLayerNormMixin(SparseLayer):
             return y
         w = ctx.weights_at(size, y.dtype)
         return y * (w if self._channels_first else w.movedim(1, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# functional global pooling (squeeze-excitation): made exact by a function mode, scoped to the
+# block that calls it. Kept apart from the covered layers above.
+# --------------------------------------------------------------------------------------------
+
+_GLOBAL_KINDS = {"mean": "mean", "amax": "max", "adaptive_avg_pool1d": "mean", "adaptive_avg_pool2d": "mean",
+                 "adaptive_avg_pool3d": "mean", "adaptive_max_pool1d": "max", "adaptive_max_pool2d": "max",
+                 "adaptive_max_pool3d": "max"}
+
+
+def match_global_pool(func, args: tuple, kwargs: dict) -> tuple[str, torch.Tensor, bool, torch.dtype | None] | None:
+    """``(kind, x, keepdim, dtype)`` when a call pools ``x (B, C, *S)`` over every spatial axis, else None.
+
+    Recognised: ``x.mean(dims)`` / ``torch.mean``, ``x.amax(dims)``, and adaptive average / max pooling to
+    size 1, where ``dims`` are exactly the spatial axes ``2 … ndim-1`` (kind ``"mean"`` or ``"max"``).
+    """
+    kind = _GLOBAL_KINDS.get(getattr(func, "__name__", ""))
+    if kind is None or not args or not isinstance(args[0], torch.Tensor) or args[0].ndim < 3:
+        return None
+    x = args[0]
+    if func.__name__ in ("mean", "amax"):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None:
+            return None
+        dims = {d % x.ndim for d in ((dim,) if isinstance(dim, int) else dim)}
+        if dims != set(range(2, x.ndim)):
+            return None
+        keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+        return kind, x, keepdim, kwargs.get("dtype")
+    size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    sizes = (size,) if isinstance(size, int) else tuple(size or ())
+    if any(s != 1 for s in sizes) or kwargs.get("return_indices") or (len(args) > 2 and args[2]):
+        return None
+    return kind, x, True, None
+
+
+class VisibleGlobalPooling(TorchFunctionMode):
+    """While active, a global mean or max over the spatial axes of a masked feature map uses visible sites only."""
+
+    def __init__(self, ctx: MaskContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        call = match_global_pool(func, args, kwargs)
+        if call is None or not self.ctx.applies_to(call[1].shape[2:]):
+            return func(*args, **kwargs)
+        kind, x, keepdim, dtype = call
+        x = x if dtype is None else x.to(dtype)
+        dims = tuple(range(2, x.ndim))
+        if kind == "max":
+            visible = self.ctx.mask_at(x.shape[2:])
+            return x.masked_fill(~visible, float("-inf")).amax(dims, keepdim=keepdim)
+        w = self.ctx.weights_at(x.shape[2:], x.dtype)
+        return (x * w).sum(dims, keepdim=keepdim) / w.sum(dims, keepdim=keepdim).clamp_min(1.0)
+
+
+class SparseGlobalPoolMixin(SparseLayer):
+    """A block that pools globally itself (``x.mean((2, 3))``): its forward runs under :class:`VisibleGlobalPooling`."""
+
+    def forward(self, *args, **kwargs):
+        ctx = getattr(self, "_sparse_ctx", None)
+        if ctx is None or ctx.mask is None:
+            return super().forward(*args, **kwargs)
+        with VisibleGlobalPooling(ctx):
+            return super().forward(*args, **kwargs)
