@@ -65,8 +65,9 @@ _SCHEMA = {
 def finetuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     datalist = write_btcv_phantoms(root / "data", n_train=2, n_val=1, n_test=2, shape=(48, 48, 24), seed=3)
+    # 4 mm: the volumes are larger than the ROI, so the sliding window takes several overlapping windows
     common = ["--config", str(FT_CONFIG), "--data.init_args.datalist", str(datalist),
-              "--data.init_args.roi_size", "[32, 32, 32]", "--data.init_args.spacing", "[4.0, 4.0, 4.0]"]  # volumes larger than the ROI: several windows
+              "--data.init_args.roi_size", "[32, 32, 32]", "--data.init_args.spacing", "[4.0, 4.0, 4.0]"]
     run = root / "run"
     assert main(["finetune", *common, "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2",
                  "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "0",
@@ -118,7 +119,8 @@ def test_bundle_runs_without_spark3d_and_equals_predict(finetuned, tmp_path):
     from monai.data import load_net_with_metadata
     from monai.networks.nets import SegResNet
 
-    scripted, ts_meta, extra = load_net_with_metadata(str(bundle / "models" / "model.ts"), more_extra_files=("inference.json",))
+    scripted, ts_meta, extra = load_net_with_metadata(str(bundle / "models" / "model.ts"),
+                                                      more_extra_files=("inference.json",))
     definition = {k: v for k, v in json.loads((bundle / "configs" / "inference.json").read_text())["network_def"].items()
                   if k != "_target_"}
     eager = SegResNet(**definition).eval()

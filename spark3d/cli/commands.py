@@ -76,7 +76,8 @@ def run_export_bundle(argv: list[str]) -> int:
 
     cli = _inference_cli("spark3d export-bundle", argv, {
         "--out": {"type": str, "required": True, "help": "bundle folder (configs/, models/, docs/, LICENSE)"},
-        "--summary": {"type": str, "default": None, "help": "a `spark3d evaluate` summary.json for the bundle's Dice table"}})
+        "--summary": {"type": str, "default": None,
+                      "help": "a `spark3d evaluate` summary.json for the bundle's Dice table"}})
     if cli is None:
         return 2
     out = export_bundle(cli.model, cli.datamodule, cli.config["ckpt_path"], cli.config["out"], cli.config["summary"])

@@ -55,7 +55,7 @@ def run_demo(argv: list[str]) -> int:
         print(f"[1/5] using the phantoms already in {out / 'data'}", file=sys.stderr)
     lap("phantoms")
     run_dir = out / "pretrain"
-    print(f"[2/5] SparK pretraining (MONAI SegResNet, 48³ crops, mask ratio 0.6) into {run_dir} …", file=sys.stderr)
+    print(f"[2/5] SparK pretraining (MONAI SegResNet, 32³ crops at 6 mm, mask ratio 0.6) into {run_dir} …", file=sys.stderr)
     cli_args = ["--config", str(CONFIG_DIR / "pretrain" / "demo_ct.yaml"),
                 "--data.init_args.datalist", str(datalist), "--trainer.default_root_dir", str(run_dir)]
     if args.epochs is not None:

@@ -31,22 +31,23 @@ class _Organ:
 
 # Ellipsoids (x = towards the patient's left, so the liver sits at x < 0; y anterior; z superior), in mm, and
 # portal-venous-phase HU. Small structures are drawn larger than in real abdomens (adrenals, oesophagus, veins)
-# and every organ differs from its neighbours by >= 25 HU, so that a CPU demo at 4-5 mm can find all 13.
+# and each organ has its own HU band (bile below the bowel, adrenals between liver and veins), so that a short
+# CPU demo at 6 mm can find all 13.
 _ORGANS = (
     _Organ(6, (-60.0, 5.0, 45.0), (70.0, 65.0, 60.0), 65.0),  # liver
     _Organ(1, (85.0, -35.0, 55.0), (30.0, 25.0, 42.0), 100.0),  # spleen
-    _Organ(7, (45.0, 35.0, 45.0), (38.0, 28.0, 40.0), 20.0),  # stomach
+    _Organ(7, (45.0, 35.0, 45.0), (38.0, 28.0, 40.0), 0.0),  # stomach (water-filled)
     _Organ(2, (-62.0, -55.0, -15.0), (24.0, 22.0, 45.0), 160.0),  # right kidney
     _Organ(3, (62.0, -55.0, -15.0), (24.0, 22.0, 45.0), 160.0),  # left kidney
-    _Organ(4, (-45.0, 30.0, 0.0), (17.0, 17.0, 30.0), 0.0),  # gallbladder (bile)
-    _Organ(11, (5.0, -5.0, 15.0), (55.0, 15.0, 16.0), 110.0),  # pancreas
-    _Organ(12, (-32.0, -55.0, 40.0), (13.0, 8.0, 18.0), 80.0),  # right adrenal
-    _Organ(13, (32.0, -55.0, 40.0), (13.0, 8.0, 18.0), 80.0),  # left adrenal
+    _Organ(4, (-45.0, 30.0, 0.0), (18.0, 18.0, 30.0), -60.0),  # gallbladder (bile)
+    _Organ(11, (5.0, -5.0, 15.0), (55.0, 15.0, 16.0), 95.0),  # pancreas
+    _Organ(12, (-32.0, -55.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # right adrenal
+    _Organ(13, (32.0, -55.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # left adrenal
 )
 _TUBES = (  # (label, x, y, radius, hu, z range) vertical vessels
     (8, 15.0, -40.0, 11.0, 210.0, (-200.0, 200.0)),  # aorta
-    (9, -22.0, -35.0, 10.0, 140.0, (-200.0, 200.0)),  # inferior vena cava
-    (5, -5.0, -20.0, 9.0, 45.0, (55.0, 200.0)),  # esophagus (upper abdomen only; an air lumen inside)
+    (9, -22.0, -35.0, 10.0, 145.0, (-200.0, 200.0)),  # inferior vena cava
+    (5, -5.0, -20.0, 11.0, 50.0, (55.0, 200.0)),  # esophagus (upper abdomen only; an air lumen inside)
 )
 _ESOPHAGUS_LUMEN_MM = 3.5
 

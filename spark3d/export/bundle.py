@@ -131,7 +131,8 @@ def bundle_metadata(module, data: SegmentationData, label_names: list[str], summ
     roi = [int(s) for s in hp.roi_size]
     organs = ", ".join(label_names[1:])
     image_def = {str(c): f"image channel {c}" for c in range(spec.in_channels)} if spec.in_channels > 1 else {"0": "image"}
-    packages = {"nibabel": _package_version("nibabel", "5.0"), "pytorch-ignite": _package_version("pytorch-ignite", "0.4.11")}
+    packages = {"nibabel": _package_version("nibabel", "5.0"),
+                "pytorch-ignite": _package_version("pytorch-ignite", "0.4.11")}
     window = f"HU window {data.intensity_range[0]:g}..{data.intensity_range[1]:g} scaled to [0, 1]" if ct else \
         "z-scored per channel over non-zero voxels"
     meta: dict[str, Any] = {
@@ -198,7 +199,7 @@ def _readme(module, data: SegmentationData, meta: dict[str, Any], summary: Mappi
              "## Training recipe", "",
              f"- network: MONAI `{network_class(module)}` ({sp['backbone']}, {sp['backbone_kwargs'] or 'defaults'}), "
              f"{len(io['outputs']['pred']['channel_def'])} output channels",
-             f"- encoder: {'SparK-pretrained (`' + Path(str(hp.pretrained)).name + '`)' if hp.pretrained else 'random init'}",
+             f"- encoder: {'SparK-pretrained (' + Path(str(hp.pretrained)).name + ')' if hp.pretrained else 'random init'}",
              f"- fine-tuning: DiceCE, AdamW lr {hp.lr:g}, weight decay {hp.weight_decay:g}, warm-up {hp.warmup_epochs:g} "
              f"epochs then cosine; crops {'x'.join(str(s) for s in data.roi_size)} x{data.num_samples} per volume "
              f"({data.crop_sampling} sampling), batch {data.batch_size}; "
@@ -213,10 +214,12 @@ def _readme(module, data: SegmentationData, meta: dict[str, Any], summary: Mappi
         if summary.get("mean_dice") is not None:
             lines.append(f"| **mean** | **{summary['mean_dice']:.3f}** | |")
     else:
-        lines.append("No evaluation was given (`spark3d evaluate … --out E` then `export-bundle --summary E/summary.json`).")
+        lines.append("No evaluation was given (run `spark3d evaluate … --out E`, then `export-bundle … "
+                     "--summary E/summary.json`).")
     lines += ["", "## Files", "", "- `configs/metadata.json`, `configs/inference.json`",
               "- `models/model.pt`: the network's state dict (`network_def` in `inference.json` builds the network)",
-              f"- `models/model.ts`: {'TorchScript, with the metadata embedded' if scripted is None else 'absent: ' + scripted}",
+              "- `models/model.ts`: " + ("TorchScript, with the metadata embedded" if scripted is None
+                                          else "absent: " + scripted),
               "", "## Intended use", "", meta["intended_use"] + ".", ""]
     return "\n".join(lines)
 
@@ -291,7 +294,10 @@ def _label_names(data: SegmentationData, num_classes: int) -> list[str]:
 def _training_facts(module, data: SegmentationData, ckpt_path: str) -> dict[str, Any]:
     ckpt = read_lightning_checkpoint(ckpt_path)
     facts: dict[str, Any] = {"checkpoint": Path(ckpt_path).name, "global_step": int(ckpt.get("global_step", 0)),
-                             "epoch": int(ckpt.get("epoch", 0)) + 1, "pretrained_encoder": module.hparams.pretrained}
+                             "epoch": int(ckpt.get("epoch", 0)) + 1,
+                             "pretrained_encoder": None}
+    if module.hparams.pretrained:
+        facts["pretrained_encoder"] = Path(module.hparams.pretrained).name
     try:
         listing = json.loads(Path(data.datalist).read_text())
         facts["data"] = (f"{listing.get('name', Path(data.datalist).name)}: {listing.get('description', '')} "
@@ -306,7 +312,10 @@ def _prepare_out(out: Path) -> None:
     if not out.exists():
         return
     meta = out / "configs" / "metadata.json"
-    ours = meta.is_file() and "spark3d" in json.loads(meta.read_text() or "{}")
+    try:
+        ours = meta.is_file() and "spark3d" in json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        ours = False
     if out.is_file() or (any(out.iterdir()) and not ours):
         raise ConfigError(f"--out {out} exists and is not a spark3d bundle: choose another folder or remove it")
 
