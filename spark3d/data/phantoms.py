@@ -41,15 +41,15 @@ _ORGANS = (
     _Organ(3, (62.0, -55.0, -15.0), (24.0, 22.0, 45.0), 160.0),  # left kidney
     _Organ(4, (-45.0, 30.0, 0.0), (18.0, 18.0, 30.0), -60.0),  # gallbladder (bile)
     _Organ(11, (5.0, -5.0, 15.0), (55.0, 15.0, 16.0), 95.0),  # pancreas
-    _Organ(12, (-32.0, -55.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # right adrenal
-    _Organ(13, (32.0, -55.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # left adrenal
+    _Organ(12, (-30.0, -58.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # right adrenal
+    _Organ(13, (30.0, -58.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # left adrenal
 )
 _TUBES = (  # (label, x, y, radius, hu, z range) vertical vessels
     (8, 15.0, -40.0, 11.0, 210.0, (-200.0, 200.0)),  # aorta
     (9, -22.0, -35.0, 10.0, 145.0, (-200.0, 200.0)),  # inferior vena cava
-    (5, -5.0, -20.0, 11.0, 50.0, (55.0, 200.0)),  # esophagus (upper abdomen only; an air lumen inside)
+    (5, 0.0, -18.0, 12.0, 55.0, (40.0, 200.0)),  # esophagus (upper abdomen only; an air lumen inside)
 )
-_ESOPHAGUS_LUMEN_MM = 3.5
+_ESOPHAGUS_LUMEN_MM = 4.5
 
 
 def btcv_case_ids(n_train: int, n_test: int) -> tuple[list[int], list[int]]:
