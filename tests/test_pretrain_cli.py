@@ -49,7 +49,7 @@ def test_pretrain_outputs_resume_and_encoder_export(phantoms, tmp_path):
     export = torch.load(run / "encoder.pt", weights_only=True)
     meta = export["meta"]
     assert meta["backbone"] == "segresnet" and meta["spatial_dims"] == 3 and meta["input_size"] == [32, 32, 32]
-    assert meta["spacing"] == [5.0, 5.0, 5.0] and meta["strides"][-1] == [8, 8, 8]
+    assert meta["spacing"] == [6.0, 6.0, 6.0] and meta["strides"][-1] == [8, 8, 8]  # the demo config's spacing
     from monai.networks.nets import SegResNet
 
     net = SegResNet(spatial_dims=3, in_channels=1, out_channels=2, **meta["backbone_kwargs"])

@@ -13,7 +13,8 @@ from typing import Any, Callable
 from torch import nn
 
 __all__ = ["Backbone", "BackboneSpec", "Example", "register", "unregister", "lookup", "find", "registered", "examples",
-           "build_network", "build_segmentation_network", "encoder_module_of", "encoder_children"]
+           "build_network", "build_segmentation_network", "segmentation_network_definition", "encoder_module_of",
+           "encoder_children"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Backbone:
             converter's override for custom blocks it cannot judge).
         examples: small configurations the tests parameterise over.
         methods: the pretraining methods (names in the method table) its networks work with.
+        bundle_network: ``(name, spatial_dims, in_channels, out_channels, **kwargs) -> dict``, the fine-tuning
+            network as a MONAI config definition (``_target_`` + arguments) that builds without spark3d (what a
+            MONAI bundle's ``network_def`` holds); ``None`` when the network needs spark3d code to build.
     """
 
     family: str
@@ -65,6 +69,7 @@ class Backbone:
     trusted: tuple[type, ...] = ()
     examples: tuple[Example, ...] = ()
     methods: tuple[str, ...] = ("spark",)
+    bundle_network: Callable[..., dict[str, Any]] | None = None
 
     def builds(self, name: str) -> bool:
         return self.names is None or name.lower() in self.names
@@ -161,6 +166,16 @@ def build_segmentation_network(spec: BackboneSpec, out_channels: int) -> nn.Modu
     kwargs = copy.deepcopy(spec.kwargs)
     kwargs.pop("out_channels", None)  # a pretraining head size; the segmentation network has its own
     return entry.segmentation(spec.name, spec.spatial_dims, spec.in_channels, out_channels, **kwargs)
+
+
+def segmentation_network_definition(spec: BackboneSpec, out_channels: int) -> dict[str, Any] | None:
+    """The fine-tuning network of a description as a MONAI config definition (None: it needs spark3d to build)."""
+    entry = spec.entry
+    if entry.bundle_network is None:
+        return None
+    kwargs = copy.deepcopy(spec.kwargs)
+    kwargs.pop("out_channels", None)
+    return entry.bundle_network(spec.name, spec.spatial_dims, spec.in_channels, out_channels, **kwargs)
 
 
 def encoder_module_of(network: nn.Module, spec: BackboneSpec) -> tuple[nn.Module, str]:

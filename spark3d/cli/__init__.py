@@ -6,7 +6,9 @@ import sys
 from typing import Callable
 
 from ..errors import Spark3dError
-from .commands import run_check_backbone, run_evaluate, run_finetune, run_predict, run_preprocess, run_pretrain
+from .commands import (
+    run_check_backbone, run_evaluate, run_export_bundle, run_finetune, run_predict, run_preprocess, run_pretrain,
+)
 from .demo import run_demo
 
 __all__ = ["COMMANDS", "main"]
@@ -17,6 +19,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (run_finetune, "segmentation fine-tuning through MONAI (--model.init_args.pretrained encoder.pt)"),
     "evaluate": (run_evaluate, "per-case, per-organ Dice at the original resolution → CSV + JSON"),
     "predict": (run_predict, "label NIfTI in each input's space + overlay PNG"),
+    "export-bundle": (run_export_bundle, "a MONAI bundle of a fine-tuned checkpoint that runs without spark3d"),
     "check-backbone": (run_check_backbone, "tell whether a network is safe for sparse masking"),
     "preprocess": (run_preprocess, "write the CT store of a pretraining config (resumable, --shard i/n, --merge)"),
 }

@@ -1,5 +1,5 @@
-"""The commands: pretrain, finetune, evaluate, predict, check-backbone, preprocess. Each takes ``argv`` and returns an
-exit code."""
+"""The commands: pretrain, finetune, evaluate, predict, export-bundle, check-backbone, preprocess. Each takes ``argv``
+and returns an exit code."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-__all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_check_backbone", "run_preprocess"]
+__all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_export_bundle", "run_check_backbone",
+           "run_preprocess"]
 
 
 def run_pretrain(argv: list[str]) -> int:
@@ -69,6 +70,22 @@ def run_predict(argv: list[str]) -> int:
     written = predict(cli.model, cli.datamodule, cli.config["ckpt_path"], cli.config["input"], cli.config["out"])
     for path in written:
         print(path)
+    return 0
+
+
+def run_export_bundle(argv: list[str]) -> int:
+    from ..export import export_bundle
+
+    cli = _inference_cli("spark3d export-bundle", argv, {
+        "--out": {"type": str, "required": True, "help": "bundle folder (configs/, models/, docs/, LICENSE)"},
+        "--summary": {"type": str, "default": None,
+                      "help": "a `spark3d evaluate` summary.json for the bundle's Dice table"}})
+    if cli is None:
+        return 2
+    out = export_bundle(cli.model, cli.datamodule, cli.config["ckpt_path"], cli.config["out"], cli.config["summary"])
+    print(out)
+    print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
+          "--dataset_dir IMAGES --output_dir LABELS", file=sys.stderr)
     return 0
 
 

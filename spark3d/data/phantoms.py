@@ -29,23 +29,27 @@ class _Organ:
     hu: float
 
 
-# Ellipsoids (x = towards the patient's left, so the liver sits at x < 0; y anterior; z superior), in mm.
+# Ellipsoids (x = towards the patient's left, so the liver sits at x < 0; y anterior; z superior), in mm, and
+# portal-venous-phase HU. Small structures are drawn larger than in real abdomens (adrenals, oesophagus, veins)
+# and each organ has its own HU band (bile below the bowel, adrenals between liver and veins), so that a short
+# CPU demo at 6 mm can find all 13.
 _ORGANS = (
-    _Organ(6, (-60.0, 5.0, 45.0), (70.0, 65.0, 60.0), 60.0),  # liver
-    _Organ(1, (85.0, -35.0, 50.0), (30.0, 25.0, 45.0), 50.0),  # spleen
-    _Organ(7, (45.0, 35.0, 45.0), (38.0, 28.0, 40.0), 25.0),  # stomach
-    _Organ(2, (-62.0, -55.0, -10.0), (22.0, 22.0, 45.0), 160.0),  # right kidney
-    _Organ(3, (62.0, -55.0, -5.0), (22.0, 22.0, 45.0), 160.0),  # left kidney
-    _Organ(4, (-45.0, 30.0, 5.0), (14.0, 14.0, 28.0), 8.0),  # gallbladder
-    _Organ(11, (5.0, -5.0, 15.0), (55.0, 12.0, 14.0), 45.0),  # pancreas
-    _Organ(12, (-40.0, -45.0, 45.0), (9.0, 5.0, 14.0), 30.0),  # right adrenal
-    _Organ(13, (40.0, -45.0, 40.0), (9.0, 5.0, 14.0), 30.0),  # left adrenal
+    _Organ(6, (-60.0, 5.0, 45.0), (70.0, 65.0, 60.0), 65.0),  # liver
+    _Organ(1, (85.0, -35.0, 55.0), (30.0, 25.0, 42.0), 100.0),  # spleen
+    _Organ(7, (45.0, 35.0, 45.0), (38.0, 28.0, 40.0), 0.0),  # stomach (water-filled)
+    _Organ(2, (-62.0, -55.0, -15.0), (24.0, 22.0, 45.0), 160.0),  # right kidney
+    _Organ(3, (62.0, -55.0, -15.0), (24.0, 22.0, 45.0), 160.0),  # left kidney
+    _Organ(4, (-45.0, 30.0, 0.0), (18.0, 18.0, 30.0), -60.0),  # gallbladder (bile)
+    _Organ(11, (5.0, -5.0, 15.0), (55.0, 15.0, 16.0), 95.0),  # pancreas
+    _Organ(12, (-30.0, -58.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # right adrenal
+    _Organ(13, (30.0, -58.0, 40.0), (15.0, 9.0, 20.0), 120.0),  # left adrenal
 )
 _TUBES = (  # (label, x, y, radius, hu, z range) vertical vessels
     (8, 15.0, -40.0, 11.0, 210.0, (-200.0, 200.0)),  # aorta
-    (9, -22.0, -35.0, 10.0, 150.0, (-200.0, 200.0)),  # inferior vena cava
-    (5, 8.0, -30.0, 7.0, 40.0, (60.0, 200.0)),  # esophagus (upper abdomen only)
+    (9, -22.0, -35.0, 10.0, 145.0, (-200.0, 200.0)),  # inferior vena cava
+    (5, 0.0, -18.0, 12.0, 55.0, (40.0, 200.0)),  # esophagus (upper abdomen only; an air lumen inside)
 )
+_ESOPHAGUS_LUMEN_MM = 4.5
 
 
 def btcv_case_ids(n_train: int, n_test: int) -> tuple[list[int], list[int]]:
@@ -113,12 +117,15 @@ def make_phantom(
         inside = np.broadcast_to(inside, shape) & inner
         hu[inside] = value + rng.normal(0.0, 10.0)
         label[inside] = lab
+        if lab == 5:
+            lumen = inside & ((xs - cx) ** 2 + (ys - cy) ** 2 <= _ESOPHAGUS_LUMEN_MM**2)
+            hu[lumen] = -700.0
     # portal / splenic vein: a tube running from the liver hilum towards the spleen
     t = np.clip((xs + 35.0) / 120.0, 0.0, 1.0)
     vy, vz = -5.0 - 25.0 * t, 20.0 + 15.0 * t
-    vein = ((ys - vy) ** 2 + (zs - vz) ** 2 <= 6.0**2) & (xs > -35.0) & (xs < 85.0)
+    vein = ((ys - vy) ** 2 + (zs - vz) ** 2 <= 8.0**2) & (xs > -35.0) & (xs < 85.0)
     vein = np.broadcast_to(vein, shape) & inner
-    hu[vein] = 170.0
+    hu[vein] = 180.0
     label[vein] = 10
     # air in the stomach fundus
     air = (label == 7) & np.broadcast_to(ys > 35.0 + 12.0, shape) & np.broadcast_to(zs > 60.0, shape)

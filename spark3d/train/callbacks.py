@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..checkpoint import ENCODER_FILE
@@ -20,7 +23,8 @@ __all__ = ["ReconstructionFigures", "EncoderExport", "DDPConsistencyCheck", "sta
 class ReconstructionFigures(pl.Callback):
     """Every ``every_n_epochs`` epochs (and after the last), write input | masked input | reconstruction
     of one fixed sample to ``RUN/figures/``: the first validation crop (centre, unflipped) when there
-    is validation data, else the first training crop of the epoch."""
+    is validation data, else the first training crop of the epoch. The same figure goes to every attached
+    TensorBoard logger as the image ``reconstruction`` at the current step."""
 
     def __init__(self, every_n_epochs: int = 1) -> None:
         self.every_n_epochs = max(1, int(every_n_epochs))
@@ -57,8 +61,21 @@ class ReconstructionFigures(pl.Callback):
         meta = pl_module.data_metadata()
         title = (f"{pl_module.hparams.backbone} epoch {trainer.current_epoch + 1}, step {trainer.global_step}, "
                  f"masked-patch loss {out.loss.item():.3f}")
-        return save_reconstruction_figure(path, x[0], mask_input(x, mask)[0], recon[0], title, meta.get("mean"),
+        path = save_reconstruction_figure(path, x[0], mask_input(x, mask)[0], recon[0], title, meta.get("mean"),
                                           meta.get("std"))
+        self.log_to_tensorboard(trainer, path)
+        return path
+
+    @staticmethod
+    def log_to_tensorboard(trainer: pl.Trainer, path: Path) -> None:
+        """Add the saved figure (RGB, as written) to each TensorBoard logger of the run."""
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        with Image.open(path) as img:
+            rgb_hwc = np.asarray(img.convert("RGB"))
+        for logger in loggers:
+            logger.experiment.add_image("reconstruction", rgb_hwc, global_step=trainer.global_step, dataformats="HWC")
 
 
 class EncoderExport(pl.Callback):
