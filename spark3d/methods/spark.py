@@ -13,18 +13,19 @@ from torch import nn
 
 from ..backbones import BackboneSpec
 from ..encoders import HierarchicalEncoder, from_spec
-from ..layers import conv_nd, make_norm, norm_kind_of
+from ..layers import make_norm, norm_kind_of
 from ..masking import mask_grid, random_mask
 from ..sparse import MaskContext, set_batchnorm_sync, sparsify
 from .common import (
     MaskedModelingMethod, MaskedModelOutput, mask_input, masked_patch_loss, norm_pix_target, patchify,
     reconstruct_from_patches,
 )
-from .decoders import LightDecoder
+from .decoders import make_decoder
 
 __all__ = ["SparK", "SparKOutput"]
 
 SparKOutput = MaskedModelOutput  # the output type every method shares
+COMPUTE_MODES = ("auto", "sparse", "masked-dense")
 
 
 class SparK(MaskedModelingMethod):
@@ -35,6 +36,8 @@ class SparK(MaskedModelingMethod):
         input_size: spatial input size, divisible by the encoder's total stride per axis.
         mask_ratio: fraction of masked cells (SparK 2D: 0.6; 3D work: 0.75).
         decoder_width: decoder channels at the coarsest scale (default 768 in 2D, 256 in 3D); halves per scale.
+        decoder: ``"spark"`` (the faithful light decoder, up to stride 1) or ``"efficient"`` (decodes to stride 4
+            and predicts the finer pixels with a pixel-shuffle head; see :mod:`spark3d.methods.decoders`).
         densify_norm: norm applied to each level before filling mask tokens: ``"auto"`` (the encoder's
             own kind), ``"batch"``, ``"instance"``, ``"group"``, ``"layer"`` or ``"none"``.
         decoder_norm: norm inside the decoder blocks.
@@ -54,6 +57,8 @@ class SparK(MaskedModelingMethod):
         fusion: str = "add",
         norm_pix_loss: bool = True,
         trusted: Sequence[type] = (),
+        decoder: str = "spark",
+        compute: str = "auto",
     ) -> None:
         super().__init__()
         sd = encoder.spatial_dims
@@ -72,17 +77,19 @@ class SparK(MaskedModelingMethod):
         for name, p in encoder.network.named_parameters():
             if name.rpartition(".")[0] not in encoder.participating:
                 p.requires_grad_(False)  # heads and U-Net decoders never run while pretraining (DDP needs this)
+        if compute not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got '{compute}'")
+        self.compute = compute
         self.ctx = MaskContext()
         self._trusted = tuple(trusted)
         sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted)  # refuse early
 
         width = decoder_width if decoder_width is not None else (768 if sd <= 2 else 256)
-        self.decoder = LightDecoder(encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm, fusion=fusion)
+        self.decoder_kind = decoder
+        self.decoder = make_decoder(decoder, encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm,
+                                    fusion=fusion)
         kind = norm_kind_of(encoder.network, encoder.participating) if densify_norm == "auto" else densify_norm
         self.densify_norm_kind = kind
-        conv = conv_nd(sd)
-        widths = self.decoder.level_widths()
-        n = len(encoder.channels)
         self.densify_norms = nn.ModuleList(
             [nn.Identity() if kind == "none" else make_norm(kind, c, sd) for c in encoder.channels]
         )
@@ -91,12 +98,7 @@ class SparK(MaskedModelingMethod):
         )
         for token in self.mask_tokens:
             nn.init.trunc_normal_(token, std=0.02, a=-0.02 * 2, b=0.02 * 2)
-        self.densify_projs = nn.ModuleList(
-            [
-                conv(c, w, kernel_size=1 if k == n - 1 else 3, padding=0 if k == n - 1 else 1)
-                for k, (c, w) in enumerate(zip(encoder.channels, widths))
-            ]
-        )
+        self.densify_projs = self.decoder.projections(encoder.channels)
         self.resparsify()
 
     @classmethod
