@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from ..errors import Spark3dError
-from .commands import run_check_backbone, run_evaluate, run_finetune, run_predict, run_pretrain
+from .commands import run_benchmark, run_check_backbone, run_evaluate, run_finetune, run_predict, run_pretrain
 from .demo import run_demo
 
 __all__ = ["COMMANDS", "main"]
@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "evaluate": (run_evaluate, "per-case, per-organ Dice at the original resolution → CSV + JSON"),
     "predict": (run_predict, "label NIfTI in each input's space + overlay PNG"),
     "check-backbone": (run_check_backbone, "tell whether a network is safe for sparse masking"),
+    "benchmark": (run_benchmark, "step time, peak memory, FLOPs by part: dense / masked-dense / sparse (--json)"),
 }
 
 
