@@ -98,7 +98,7 @@ def test_user_residual_block_converts_without_trusted_and_is_safe():
 
 def test_global_mean_and_max_of_a_user_gate_are_visible_site_statistics():
     encoder = _encoder()
-    model = SparK(encoder, SIZE, mask_ratio=0.5, decoder_width=16).eval()
+    model = SparK(encoder, SIZE, mask_ratio=0.5, decoder_width=16, compute="masked-dense").eval()  # dense maps seen
     gate = encoder.network.stage1[1]
     seen = {}
     gate.fc[0].register_forward_pre_hook(lambda m, args: seen.setdefault("stats", []).append(args[0]))

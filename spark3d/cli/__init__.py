@@ -7,7 +7,8 @@ from typing import Callable
 
 from ..errors import Spark3dError
 from .commands import (
-    run_check_backbone, run_evaluate, run_export_bundle, run_finetune, run_predict, run_preprocess, run_pretrain,
+    run_benchmark, run_check_backbone, run_evaluate, run_export_bundle, run_finetune, run_predict, run_preprocess,
+    run_pretrain,
 )
 from .demo import run_demo
 
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export-bundle": (run_export_bundle, "a MONAI bundle of a fine-tuned checkpoint that runs without spark3d"),
     "check-backbone": (run_check_backbone, "tell whether a network is safe for sparse masking"),
     "preprocess": (run_preprocess, "write the CT store of a pretraining config (resumable, --shard i/n, --merge)"),
+    "benchmark": (run_benchmark, "step time, peak memory, FLOPs by part: dense / masked-dense / sparse (--json)"),
 }
 
 

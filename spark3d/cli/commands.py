@@ -1,5 +1,5 @@
-"""The commands: pretrain, finetune, evaluate, predict, export-bundle, check-backbone, preprocess. Each takes ``argv``
-and returns an exit code."""
+"""The commands: pretrain, finetune, evaluate, predict, export-bundle, check-backbone, preprocess, benchmark. Each takes
+``argv`` and returns an exit code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 
 __all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_export_bundle", "run_check_backbone",
-           "run_preprocess"]
+           "run_preprocess", "run_benchmark"]
 
 
 def run_pretrain(argv: list[str]) -> int:
@@ -219,3 +219,75 @@ def run_preprocess(argv: list[str]) -> int:
     print(f"spark3d preprocess: {counts['volumes']} volumes ({counts['written']} written, {counts['skipped']} already "
           f"done) -> {Path(args.out) / manifest}")
     return 0
+
+
+def run_benchmark(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spark3d benchmark",
+        description="Step time, peak memory and FLOPs (encoder / densify + decoder) of a pretraining method, in modes "
+        "dense (nothing masked), masked-dense and sparse, with ratios. Example: spark3d benchmark --config "
+        "configs/pretrain/ct_segresnet.yaml --batch 2 --scope encoder --json bench.json",
+    )
+    parser.add_argument("--config", default=None, help="a pretraining config (model and data sections are read)")
+    parser.add_argument("--backbone", default="segresnet", help="without --config: a backbone-table name")
+    parser.add_argument("--source", default="monai", help="without --config: monai or timm")
+    parser.add_argument("--spatial-dims", type=int, default=3)
+    parser.add_argument("--in-channels", type=int, default=None, help="default 1 (3 for timm)")
+    parser.add_argument("--backbone-kwargs", default="{}", help="JSON, e.g. '{\"init_filters\": 32}'")
+    parser.add_argument("--method", default="spark")
+    parser.add_argument("--method-args", default="{}", help="JSON of method options, e.g. '{\"decoder\": \"efficient\"}'")
+    parser.add_argument("--decoder", default=None, choices=["spark", "efficient"], help="shorthand for the SparK option")
+    parser.add_argument("--size", type=int, nargs="+", default=None, help="input size per axis (one value: every axis)")
+    parser.add_argument("--batch", type=int, default=None, help="default: the config's crops per step (2 otherwise)")
+    parser.add_argument("--mask-ratio", type=float, default=None)
+    parser.add_argument("--modes", nargs="+", default=None, help="default: dense and every mode of the method")
+    parser.add_argument("--scope", default="step", choices=["step", "encoder"],
+                        help="time the whole method's forward + backward, or the encoder's alone")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", default=None, help="write the full report (with the machine description) here")
+    args = parser.parse_args(argv)
+    import json
+
+    from ..bench import BenchmarkSpec, format_table, measure
+    from ..errors import ConfigError
+
+    try:
+        method_args, backbone_kwargs = json.loads(args.method_args), json.loads(args.backbone_kwargs)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--method-args / --backbone-kwargs must be JSON: {err}") from None
+    if args.decoder:
+        method_args["decoder"] = args.decoder
+    dims = 2 if args.source == "timm" else args.spatial_dims
+    size = None if args.size is None else (args.size * (dims if len(args.size) == 1 else 1))
+    if args.config and args.size is not None and len(args.size) == 1:
+        size = None  # resolved against the config's dimensionality below
+    spec = BenchmarkSpec(config=args.config, method=args.method, backbone=args.backbone, source=args.source,
+                         spatial_dims=dims,
+                         in_channels=args.in_channels or (3 if args.source == "timm" else 1),
+                         backbone_kwargs=backbone_kwargs, input_size=size, batch=args.batch, mask_ratio=args.mask_ratio,
+                         method_args=method_args)
+    if args.config and args.size is not None and len(args.size) == 1:
+        spec.input_size = [args.size[0]] * len(_config_roi(args.config))
+    report = measure(spec, args.modes, args.scope, args.repeats, args.warmup, not args.no_memory, args.threads,
+                     log=lambda line: print(line, file=sys.stderr))
+    print(format_table(report))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _config_roi(path: str) -> list[int]:
+    import yaml
+
+    from ..errors import ConfigError
+
+    try:
+        roi = (yaml.safe_load(open(path)) or {})["data"]["init_args"]["roi_size"]
+    except (OSError, KeyError, TypeError):
+        raise ConfigError(f"{path}: cannot read data.init_args.roi_size to expand --size") from None
+    return list(roi)

@@ -6,9 +6,10 @@ the callbacks talk to that contract only, never to a method's internals.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -125,3 +126,23 @@ class MaskedModelingMethod(nn.Module):
     def set_batchnorm_sync(self, enabled: bool = True) -> int:
         """Sum BatchNorm statistics over DDP processes; returns how many layers do (0: none to sync)."""
         return 0
+
+    # the parts ``spark3d benchmark`` times and counts separately (see :mod:`spark3d.bench`)
+    def compute_modes(self) -> tuple[str, ...]:
+        """The ways this method can compute a masked step, the reference first (each one is benchmarked)."""
+        return ("masked",)
+
+    @contextlib.contextmanager
+    def computing(self, mode: str) -> Iterator[None]:
+        """Masked steps inside the block compute the ``mode`` way (one of :meth:`compute_modes`)."""
+        if mode not in self.compute_modes():
+            raise ValueError(f"{type(self).__name__} computes {self.compute_modes()}, not '{mode}'")
+        yield
+
+    def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor | None) -> Any:
+        """The encoder's output for ``x`` under ``mask``; ``mask=None``: the dense network with nothing masked."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_encoder (needed by benchmark)")
+
+    def forward_decoder(self, latent: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        """The prediction ``(B, C, *S)`` from :meth:`forward_encoder`'s output (``mask=None``: dense)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_decoder (needed by benchmark)")

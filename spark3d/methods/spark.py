@@ -6,25 +6,30 @@ The whole method reads in :class:`SparK`; the encoder conversion lives in :mod:`
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..backbones import BackboneSpec
 from ..encoders import HierarchicalEncoder, from_spec
-from ..layers import conv_nd, make_norm, norm_kind_of
+from ..layers import make_norm, norm_kind_of
 from ..masking import mask_grid, random_mask
 from ..sparse import MaskContext, set_batchnorm_sync, sparsify
+from ..sparse.compute import PackedLayout, packed_flow, packed_flow_difference
 from .common import (
     MaskedModelingMethod, MaskedModelOutput, mask_input, masked_patch_loss, norm_pix_target, patchify,
     reconstruct_from_patches,
 )
-from .decoders import LightDecoder
+from .decoders import make_decoder
 
 __all__ = ["SparK", "SparKOutput"]
 
 SparKOutput = MaskedModelOutput  # the output type every method shares
+COMPUTE_MODES = ("auto", "sparse", "masked-dense")
+AUTO_MAX_VISIBLE = 0.5  # "auto" computes sparse when at most this fraction of the cells is visible
+EXACT_TOL = 1e-4  # largest relative feature difference of the sparse path against masked-dense
 
 
 class SparK(MaskedModelingMethod):
@@ -35,6 +40,8 @@ class SparK(MaskedModelingMethod):
         input_size: spatial input size, divisible by the encoder's total stride per axis.
         mask_ratio: fraction of masked cells (SparK 2D: 0.6; 3D work: 0.75).
         decoder_width: decoder channels at the coarsest scale (default 768 in 2D, 256 in 3D); halves per scale.
+        decoder: ``"spark"`` (the faithful light decoder, up to stride 1) or ``"efficient"`` (decodes to stride 4
+            and predicts the finer pixels with a pixel-shuffle head; see :mod:`spark3d.methods.decoders`).
         densify_norm: norm applied to each level before filling mask tokens: ``"auto"`` (the encoder's
             own kind), ``"batch"``, ``"instance"``, ``"group"``, ``"layer"`` or ``"none"``.
         decoder_norm: norm inside the decoder blocks.
@@ -42,6 +49,11 @@ class SparK(MaskedModelingMethod):
         norm_pix_loss: normalise each target patch by its own mean and variance.
         trusted: block classes whose operations the converter does not judge (an override; safety is
             otherwise decided from the operations the encoder's probe pass ran).
+        compute: how the encoder computes under a mask. ``"masked-dense"``: the full dense network with masked
+            inputs and outputs at every layer. ``"sparse"``: only the visible cells flow through the encoder
+            (:mod:`spark3d.sparse.compute`; exact, work follows the visible fraction). ``"auto"`` (default):
+            sparse when at most half the cells are visible and a one-time check on a small input shows the
+            network's forward takes packed cells exactly; masked-dense otherwise.
     """
 
     def __init__(
@@ -55,6 +67,8 @@ class SparK(MaskedModelingMethod):
         fusion: str = "add",
         norm_pix_loss: bool = True,
         trusted: Sequence[type] = (),
+        decoder: str = "spark",
+        compute: str = "auto",
     ) -> None:
         super().__init__()
         sd = encoder.spatial_dims
@@ -73,18 +87,21 @@ class SparK(MaskedModelingMethod):
         for name, p in encoder.network.named_parameters():
             if name.rpartition(".")[0] not in encoder.participating:
                 p.requires_grad_(False)  # heads and U-Net decoders never run while pretraining (DDP needs this)
+        if compute not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got '{compute}'")
+        self.compute = compute
+        self._sparse_difference: float | None = None  # measured once, on first use of the sparse path
         self.ctx = MaskContext()
         self._trusted = tuple(trusted)
         sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted,
                  trace=encoder.op_trace)  # refuse early
 
         width = decoder_width if decoder_width is not None else (768 if sd <= 2 else 256)
-        self.decoder = LightDecoder(encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm, fusion=fusion)
+        self.decoder_kind = decoder
+        self.decoder = make_decoder(decoder, encoder.strides, encoder.in_channels, width, sd, norm=decoder_norm,
+                                    fusion=fusion)
         kind = norm_kind_of(encoder.network, encoder.participating) if densify_norm == "auto" else densify_norm
         self.densify_norm_kind = kind
-        conv = conv_nd(sd)
-        widths = self.decoder.level_widths()
-        n = len(encoder.channels)
         self.densify_norms = nn.ModuleList(
             [nn.Identity() if kind == "none" else make_norm(kind, c, sd) for c in encoder.channels]
         )
@@ -93,12 +110,7 @@ class SparK(MaskedModelingMethod):
         )
         for token in self.mask_tokens:
             nn.init.trunc_normal_(token, std=0.02, a=-0.02 * 2, b=0.02 * 2)
-        self.densify_projs = nn.ModuleList(
-            [
-                conv(c, w, kernel_size=1 if k == n - 1 else 3, padding=0 if k == n - 1 else 1)
-                for k, (c, w) in enumerate(zip(encoder.channels, widths))
-            ]
-        )
+        self.densify_projs = self.decoder.projections(encoder.channels)
         self.resparsify()
 
     @classmethod
@@ -142,20 +154,52 @@ class SparK(MaskedModelingMethod):
             raise ValueError(f"mask must have shape ({x.shape[0]}, 1, {', '.join(map(str, self.mask_grid))}), got {tuple(mask.shape)}")
 
     # ---------------------------------------------------------------------------------- model
+    def compute_path(self, mask: torch.Tensor) -> str:
+        """``"sparse"`` or ``"masked-dense"``: how the encoder computes under ``mask`` (from ``compute``)."""
+        if self.compute == "masked-dense":
+            return "masked-dense"
+        if self.compute == "auto" and int(mask[0].sum()) > AUTO_MAX_VISIBLE * mask[0].numel():
+            return "masked-dense"
+        if self._sparse_difference is None:
+            self._sparse_difference = self._check_sparse_path()
+        if self._sparse_difference < EXACT_TOL:
+            return "sparse"
+        if self.compute == "sparse":
+            raise ValueError(f"compute='sparse': the sparse path is not exact for this encoder (relative difference "
+                             f"{self._sparse_difference:.1e} from masked-dense); use compute='masked-dense'")
+        return "masked-dense"
+
+    def _check_sparse_path(self) -> float:
+        """Packed flow against masked-dense on a small random input (train and eval mode); see
+        :func:`~spark3d.sparse.compute.packed_flow_difference`."""
+        grid = tuple(min(g, 3) for g in self.mask_grid)
+        gen = torch.Generator().manual_seed(0)
+        token = self.mask_tokens[0]
+        x = torch.randn(2, self.encoder.in_channels, *[g * p for g, p in zip(grid, self.patch_size)], generator=gen)
+        mask = random_mask(2, grid, 0.5, generator=gen)
+        return packed_flow_difference(self.encoder, self.encoder.network, self.ctx, x.to(token), mask.to(token.device))
+
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Sparse encoder features (finest first) of ``x`` under ``mask`` (None: every cell visible)."""
         self._check_input(x, mask)
         mask = self.full_mask(x.shape[0]) if mask is None else mask
         with self.ctx.use(mask):
+            if self.compute_path(mask) == "sparse":
+                with packed_flow(self.ctx) as layout:
+                    return [layout.unpack(f) for f in self.encoder(layout.pack(x))]
             return self.encoder(mask_input(x, mask))
 
-    def densify(self, feats: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
-        """Visible-only norm, mask tokens at masked sites, projection to the decoder width, per level."""
+    def densify(self, feats: Sequence[torch.Tensor], mask: torch.Tensor,
+                layout: PackedLayout | None = None) -> list[torch.Tensor]:
+        """Visible-only norm, mask tokens at masked sites, projection to the decoder width, per level
+        (``feats`` packed when ``layout`` is given: the sparse path)."""
         out = []
         with self.ctx.use(mask):
             for feat, norm, token, proj in zip(feats, self.densify_norms, self.mask_tokens, self.densify_projs):
-                visible = self.ctx.mask_at(feat.shape[2:])
-                feat = torch.where(visible, norm(feat), token.to(feat.dtype))
+                if layout is not None:
+                    feat = layout.unpack(norm(feat), fill=token)
+                else:
+                    feat = torch.where(self.ctx.mask_at(feat.shape[2:]), norm(feat), token.to(feat.dtype))
                 out.append(proj(feat))
         return out
 
@@ -164,9 +208,37 @@ class SparK(MaskedModelingMethod):
         self._check_input(x, mask)
         mask = self.random_mask(x.shape[0]) if mask is None else mask.to(x.device)
         with self.ctx.use(mask):  # one context for both: per-resolution masks and indices are computed once
-            dense = self.densify(self.encode(x, mask), mask)
+            if self.compute_path(mask) == "sparse":
+                with packed_flow(self.ctx) as layout:  # only the visible cells flow through the encoder
+                    dense = self.densify(self.encoder(layout.pack(x)), mask, layout)
+            else:
+                dense = self.densify(self.encode(x, mask), mask)
         pred = self.decoder(dense)
         return MaskedModelOutput(loss=self.loss(x, pred, mask), pred=pred, mask=mask)
+
+    # ---------------------------------------------------------------------------------- benchmark parts
+    def compute_modes(self) -> tuple[str, ...]:
+        return ("masked-dense", "sparse")
+
+    @contextlib.contextmanager
+    def computing(self, mode: str) -> Iterator[None]:
+        if mode not in self.compute_modes():
+            raise ValueError(f"SparK computes {self.compute_modes()}, not '{mode}'")
+        previous, self.compute = self.compute, mode
+        try:
+            yield
+        finally:
+            self.compute = previous
+
+    def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        if mask is None:  # the dense network: no mask anywhere
+            return self.encoder(x)
+        return self.encode(x, mask)
+
+    def forward_decoder(self, latent: Sequence[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return self.decoder([proj(norm(f)) for f, norm, proj in zip(latent, self.densify_norms, self.densify_projs)])
+        return self.decoder(self.densify(latent, mask))
 
     # ---------------------------------------------------------------------------------- loss
     def target_patches(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,15 @@ class MaskContext:
     """The current mask of one model, and its per-resolution views (cached per mask).
 
     Sparse layers ask it for the mask at their feature size; ``None`` as mask means dense mode.
+    ``layout`` is set (by :func:`spark3d.sparse.compute.packed_flow`) while packed visible cells flow
+    through the layers instead of dense maps; ``None`` otherwise.
     """
 
     def __init__(self) -> None:
         self._mask_b1g: torch.Tensor | None = None
         self._visible_cells = 0
         self._cache: dict[tuple, torch.Tensor] = {}
+        self.layout = None  # the PackedLayout of the sparse-compute path while it runs
 
     @property
     def mask(self) -> torch.Tensor | None:

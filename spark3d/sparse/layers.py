@@ -21,6 +21,7 @@ import math
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .compute import packed_forward
 from .context import MaskContext
 from .sync import needs_cross_process_sync, synced_batch_norm
 
@@ -43,11 +44,19 @@ class SparseLayer:
     def _zero_masked(self, y: torch.Tensor) -> torch.Tensor:
         return y * self._sparse_ctx.weights_at(y.shape[2:], y.dtype)
 
+    def _packed(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a packed map of the sparse-compute path (:mod:`spark3d.sparse.compute` runs the layer)."""
+        ctx = getattr(self, "_sparse_ctx", None)
+        layout = getattr(ctx, "layout", None)
+        return layout is not None and layout.holds(x)
+
 
 class SparseConvMixin(SparseLayer):
     """Convolution reading and writing visible sites only."""
 
     def forward(self, x, *args, **kwargs):
+        if self._packed(x):  # sparse compute: packed visible cells
+            return packed_forward(self, x, *args, **kwargs)
         if not self._mask_active(x):
             return super().forward(x, *args, **kwargs)
         y = super().forward(self._zero_masked(x), *args, **kwargs)
@@ -58,6 +67,8 @@ class SparseMaxPoolMixin(SparseLayer):
     """Max pooling over visible sites only (masked sites never win)."""
 
     def forward(self, x):
+        if self._packed(x):  # sparse compute: packed visible cells
+            return packed_forward(self, x)
         if not self._mask_active(x):
             return super().forward(x)
         lowest = torch.finfo(x.dtype).min
@@ -71,6 +82,8 @@ class SparseAvgPoolMixin(SparseLayer):
     """Average pooling as the mean over visible sites (equal to the dense pool when all are visible)."""
 
     def forward(self, x):
+        if self._packed(x):  # sparse compute: packed visible cells
+            return packed_forward(self, x)
         if not self._mask_active(x):
             return super().forward(x)
         w = self._sparse_ctx.weights_at(x.shape[2:], x.dtype)
@@ -86,6 +99,8 @@ class SparseNormMixin(SparseLayer):
     """Normalisation over visible sites: pack them, run the layer's own forward, scatter back."""
 
     def forward(self, x):
+        if self._packed(x):  # sparse compute: packed visible cells
+            return packed_forward(self, x)
         if not self._mask_active(x):
             if needs_cross_process_sync(self):
                 return synced_batch_norm(self, x)
@@ -110,6 +125,8 @@ class SparseLayerNormMixin(SparseLayer):
     _channels_first: bool = False
 
     def forward(self, x):
+        if self._packed(x):  # sparse compute: packed visible cells
+            return packed_forward(self, x)
         y = super().forward(x)
         ctx = getattr(self, "_sparse_ctx", None)
         if ctx is None or ctx.mask is None:

@@ -162,7 +162,11 @@ class PretrainModule(pl.LightningModule):
 
 
 class SparKPretrain(PretrainModule):
-    """SparK pretraining with SparK's options as direct arguments (the configs written before the method table)."""
+    """SparK pretraining with SparK's options as direct arguments (the configs written before the method table).
+
+    ``decoder``: ``"spark"`` (faithful light decoder) or ``"efficient"``; ``compute``: how the encoder computes
+    under the mask (``"auto"``: the sparse path where it is exact and faster, ``"sparse"``, ``"masked-dense"``).
+    """
 
     def __init__(
         self,
@@ -178,6 +182,8 @@ class SparKPretrain(PretrainModule):
         decoder_norm: Literal["batch", "instance", "group", "layer"] = "batch",
         fusion: Literal["add", "concat"] = "add",
         norm_pix_loss: bool = True,
+        decoder: Literal["spark", "efficient"] = "spark",
+        compute: Literal["auto", "sparse", "masked-dense"] = "auto",
         optimizer: Literal["lamb", "adamw"] = "lamb",
         base_lr: float = 2e-4,
         lr: float | None = None,
@@ -189,7 +195,7 @@ class SparKPretrain(PretrainModule):
         figure_every_n_epochs: int = 1,
     ) -> None:
         method_args = {"decoder_width": decoder_width, "densify_norm": densify_norm, "decoder_norm": decoder_norm,
-                       "fusion": fusion, "norm_pix_loss": norm_pix_loss}
+                       "fusion": fusion, "norm_pix_loss": norm_pix_loss, "decoder": decoder, "compute": compute}
         super().__init__("spark", backbone, source, spatial_dims, in_channels, backbone_kwargs, input_size, mask_ratio,
                          method_args, optimizer, base_lr, lr, betas, weight_decay, weight_decay_end, warmup_epochs,
                          min_lr_ratio, figure_every_n_epochs)
