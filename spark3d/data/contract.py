@@ -17,7 +17,13 @@ class Spark3dDataModule(pl.LightningDataModule, abc.ABC):
     - :meth:`metadata` says how the data was prepared (spacing, intensity window, normalisation), which
       travels with ``encoder.pt`` and titles the figures;
     - :attr:`crops_per_batch` is the number of samples one batch holds (the learning-rate scaling reads it).
+
+    :attr:`in_channels` is the channel count every input must have, checked up front and wherever a volume is
+    read (None: not checked); the CLI sets it to the network's before :meth:`validate`. Training loaders come
+    from :func:`spark3d.data.sampling.resumable_loader`, so that a resumed run sees the same data order.
     """
+
+    in_channels: int | None = None
 
     @abc.abstractmethod
     def validate(self) -> None:

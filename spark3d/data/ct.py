@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from monai import data as md
 from monai import transforms as mt
 
 from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
-from .datalist import DataError, check_volume, folder_datalist, load_datalist
+from .datalist import CHECKS, DataError, check_volume, folder_datalist, load_datalist
+from .sampling import eval_loader, resumable_loader
 from .transforms import ct_pretrain_augment, ct_preprocess
 
 __all__ = ["CTPretrainData"]
@@ -29,6 +30,9 @@ class CTPretrainData(Spark3dDataModule):
         intensity_range: HU window mapped to [0, 1] (pretraining default −1000..1000).
         cache: ``"ram"`` (MONAI CacheDataset), ``"disk"`` (PersistentDataset in ``cache_dir``) or ``"none"``.
         num_workers: data loader workers.
+        check: what the up-front check reads: ``"full"`` (every voxel: readable, finite, not constant) or
+            ``"header"`` (shape and channels only, for corpora where a full read is expensive; volumes are
+            still checked when training reads them).
     """
 
     def __init__(
@@ -45,8 +49,12 @@ class CTPretrainData(Spark3dDataModule):
         train_key: str = "training",
         val_key: str | None = "validation",
         flip_prob: float = 0.5,
+        check: Literal["full", "header"] = "full",
     ) -> None:
         super().__init__()
+        if check not in CHECKS:
+            raise DataError(f"data.check must be one of {CHECKS}, got '{check}'")
+        self.check = check
         if cache not in ("ram", "disk", "none"):
             raise DataError(f"data.cache must be 'ram', 'disk' or 'none', got '{cache}'")
         if cache == "disk" and not cache_dir:
@@ -77,7 +85,8 @@ class CTPretrainData(Spark3dDataModule):
                 "orientation": "RAS"}
 
     def validate(self) -> None:
-        """Resolve and check every file (exists, readable header, 3D) before anything is written."""
+        """Resolve and check every file (exists, 3D, channels; with ``check="full"`` every voxel) before anything
+        is written."""
         if self.train_files is not None:
             return
         source = Path(self.datalist)
@@ -87,12 +96,12 @@ class CTPretrainData(Spark3dDataModule):
             train = load_datalist(source, self.train_key)
             val = load_datalist(source, self.val_key, required=False) if self.val_key else []
         for entry in train + val:
-            check_volume(entry["image"], spatial_dims=3)
+            check_volume(entry["image"], spatial_dims=3, channels=self.in_channels, full=self.check == "full")
         self.train_files, self.val_files = train, val
 
     # ------------------------------------------------------------------------------ datasets
     def preprocess(self) -> mt.Compose:
-        return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size)
+        return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size, channels=self.in_channels)
 
     def setup(self, stage: str | None = None) -> None:
         self.validate()
@@ -107,10 +116,10 @@ class CTPretrainData(Spark3dDataModule):
                                          self.cache_dir)
 
     def train_dataloader(self) -> md.DataLoader:
-        return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0, drop_last=len(self.train_ds) > self.batch_size)
+        return resumable_loader(self.train_ds, self.batch_size, self.num_workers,
+                                drop_last=len(self.train_ds) > self.batch_size)
 
     def val_dataloader(self):
         if self.val_ds is None:
             return []
-        return md.DataLoader(self.val_ds, batch_size=self.batch_size * self.num_samples, num_workers=self.num_workers)
+        return eval_loader(self.val_ds, self.batch_size * self.num_samples, self.num_workers)
