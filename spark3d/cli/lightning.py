@@ -253,7 +253,8 @@ def prepare_data(cli: Spark3dCLI) -> None:
 def run_fit(cli: Spark3dCLI, what: str) -> int:
     """Refuse what cannot work before anything is written — a used run folder (unless resuming it or
     ``--overwrite``), an unsafe or foreign checkpoint, bad data, a resume that the restored state would
-    contradict — then fit (weights-only resume). On a spark3d error a run folder this run created is removed."""
+    contradict — then fit (weights-only resume). On a spark3d error, a run folder this run created is removed
+    unless it already holds a checkpoint (then it is a run to resume)."""
     trainer = cli.trainer
     root = Path(trainer.default_root_dir)
     existed = root.exists()
@@ -277,14 +278,17 @@ def run_fit(cli: Spark3dCLI, what: str) -> int:
                     if isinstance(logger, RunCSVLogger):
                         logger.drop_from_step(int(checkpoint.get("global_step", 0)))
                         logger.restore_rows(resume.get("rows", []))
-        with safe_loading():
+        with safe_loading(), warnings.catch_warnings():
+            # the run folder and the data order are spark3d's business (refuse_used_folder, TrainOrder)
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception as err:
         user = find_user_error(err)
         if user is None:
             raise
-        if not existed and trainer.is_global_zero:
-            shutil.rmtree(root, ignore_errors=True)
+        if not existed and trainer.is_global_zero and not any((root / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(root, ignore_errors=True)  # nothing of value was written: leave no half-written folder
         raise user from None
     if trainer.is_global_zero:
         print(f"\n{what} finished; run directory: {root}", file=sys.stderr)

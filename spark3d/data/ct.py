@@ -11,7 +11,7 @@ from monai import transforms as mt
 from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
 from .datalist import CHECKS, DataError, check_volume, folder_datalist, load_datalist
-from .sampling import eval_loader, resumable_loader
+from .sampling import eval_loader
 from .transforms import ct_pretrain_augment, ct_preprocess
 
 __all__ = ["CTPretrainData"]
@@ -116,8 +116,8 @@ class CTPretrainData(Spark3dDataModule):
                                          self.cache_dir)
 
     def train_dataloader(self) -> md.DataLoader:
-        return resumable_loader(self.train_ds, self.batch_size, self.num_workers,
-                                drop_last=len(self.train_ds) > self.batch_size)
+        return self.train_order.loader(self.train_ds, self.batch_size, self.num_workers,
+                                       drop_last=len(self.train_ds) > self.batch_size)
 
     def val_dataloader(self):
         if self.val_ds is None:

@@ -13,7 +13,7 @@ from torchvision import transforms as T
 from .contract import Spark3dDataModule
 from .caching import shard_for_rank
 from .datalist import DataError
-from .sampling import eval_loader, resumable_loader
+from .sampling import eval_loader
 
 __all__ = ["ImageFolderData", "ImageFiles", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -115,8 +115,8 @@ class ImageFolderData(Spark3dDataModule):
         self.val_ds = ImageFiles(shard_for_rank(self.val_files, self.trainer, even=False), self.val_transform()) if self.val_files else None
 
     def train_dataloader(self) -> DataLoader:
-        return resumable_loader(self.train_ds, self.batch_size, self.num_workers,
-                                drop_last=len(self.train_ds) > self.batch_size, loader_class=DataLoader)
+        return self.train_order.loader(self.train_ds, self.batch_size, self.num_workers,
+                                       drop_last=len(self.train_ds) > self.batch_size, loader_class=DataLoader)
 
     def val_dataloader(self):
         if self.val_ds is None:

@@ -1,13 +1,13 @@
 """The training data order, resumable: a seeded sampler whose position can be saved and restored, and
 per-sample seeds so that augmentation depends on (seed, epoch, position) only — not on workers or history.
 
-Every data module's ``train_dataloader`` builds its loader with :func:`resumable_loader`. The loader is
-stateful in Lightning's sense (``state_dict``/``load_state_dict``): Lightning stores its state in every
-checkpoint and hands it back right before it creates the first iterator of a resumed run. The training
-callback ``spark3d.train.callbacks.ResumeState`` (which finds the sampler through :func:`find_sampler`)
-tells the sampler how far training got, since a loader cannot know which of its prefetched batches were
-trained. Together they make ``--ckpt_path last`` continue with the very batches, crops and flips an
-uninterrupted run would have seen.
+Every data module's ``train_dataloader`` builds its loader through its :class:`TrainOrder`
+(``Spark3dDataModule.train_order``), which the data module's ``state_dict``/``load_state_dict`` save in
+every checkpoint and restore before a resumed run builds its first loader (Lightning restores data modules
+before anything iterates). The training callback ``spark3d.train.callbacks.ResumeState`` (which finds the
+sampler through :func:`find_sampler`) tells the sampler how far training got, since a loader cannot know
+which of its prefetched batches were trained. Together they make ``--ckpt_path last`` continue with the very
+batches, crops and flips an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import find_user_error
 
-__all__ = ["ResumableSampler", "SeededItems", "ResumableMonaiLoader", "ResumableTorchLoader", "resumable_loader",
-           "eval_loader", "find_sampler", "item_seed"]
+__all__ = ["ResumableSampler", "SeededItems", "TrainOrder", "resumable_loader", "eval_loader", "find_sampler",
+           "item_seed"]
 
 _MAX_SEED = 2**31 - 1
 
@@ -123,34 +123,41 @@ class SeededItems(Dataset):
             raise user from None
 
 
-class _Resumable:
-    """Lightning's stateful-loader protocol, delegated to the loader's :class:`ResumableSampler`."""
+def resumable_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, drop_last: bool = False,
+                     shuffle: bool = True, loader_class: type = md.DataLoader,
+                     state: dict[str, Any] | None = None, **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A training loader (``loader_class``: MONAI's or torch's DataLoader) over :class:`SeededItems` with a
+    :class:`ResumableSampler` (restored from ``state`` when given) and its own generator for worker seeds (the
+    global one, which draws the masks, is never touched by data loading)."""
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle)  # type: ignore[arg-type]
+    if state is not None:
+        sampler.load_state_dict(state)
+    return loader_class(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        drop_last=drop_last, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(sampler.seed), **kwargs)
+
+
+class TrainOrder:
+    """A data module's training order: builds its training loaders (:func:`resumable_loader`), saves the latest
+    one's sampler state and restores it into the next loader built (a resumed run's first)."""
+
+    def __init__(self) -> None:
+        self.sampler: ResumableSampler | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def loader(self, dataset: Dataset, batch_size: int, num_workers: int = 0, drop_last: bool = False,
+               loader_class: type = md.DataLoader, **kwargs: Any) -> torch.utils.data.DataLoader:
+        """The training loader (shuffled, resumable); the first one after :meth:`load_state_dict` continues there."""
+        loader = resumable_loader(dataset, batch_size, num_workers, drop_last, True, loader_class, self._pending,
+                                  **kwargs)
+        self.sampler, self._pending = loader.sampler, None
+        return loader
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()  # type: ignore[attr-defined]
+        return {} if self.sampler is None else {"sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)  # type: ignore[attr-defined]
-
-
-class ResumableMonaiLoader(_Resumable, md.DataLoader):
-    """MONAI's DataLoader (list collation of crops), resumable."""
-
-
-class ResumableTorchLoader(_Resumable, torch.utils.data.DataLoader):
-    """torch's DataLoader, resumable."""
-
-
-def resumable_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, drop_last: bool = False,
-                     shuffle: bool = True, loader_class: type = md.DataLoader, **kwargs: Any) -> torch.utils.data.DataLoader:
-    """The training loader every data module uses (``loader_class``: MONAI's or torch's DataLoader): a
-    :class:`ResumableSampler` over :class:`SeededItems`, resumable by Lightning, with its own generator for worker
-    seeds (the global one, which draws the masks, is never touched by data loading)."""
-    cls = ResumableMonaiLoader if issubclass(loader_class, md.DataLoader) else ResumableTorchLoader
-    sampler = ResumableSampler(len(dataset), shuffle=shuffle)  # type: ignore[arg-type]
-    return cls(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-               drop_last=drop_last, persistent_workers=num_workers > 0,
-               generator=torch.Generator().manual_seed(sampler.seed), **kwargs)
+        self._pending = (state or {}).get("sampler")
 
 
 def find_sampler(loader: Any) -> ResumableSampler | None:

@@ -14,7 +14,7 @@ from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
 from .datalist import CHECKS, DataError, check_volume, load_datalist
 from .prep import check_pair
-from .sampling import eval_loader, resumable_loader
+from .sampling import eval_loader
 from .transforms import crop_indices, ct_preprocess, segmentation_augment
 
 __all__ = ["SegmentationData"]
@@ -151,7 +151,7 @@ class SegmentationData(Spark3dDataModule):
                                      self.cache, self.cache_dir) if self.val_files else None
 
     def train_dataloader(self) -> md.DataLoader:
-        return resumable_loader(self.train_ds, self.batch_size, self.num_workers)
+        return self.train_order.loader(self.train_ds, self.batch_size, self.num_workers)
 
     def val_dataloader(self):
         if self.val_ds is None:
