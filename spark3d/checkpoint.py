@@ -107,8 +107,9 @@ def load_weights_only(path: str | Path, what: str = "checkpoint") -> Any:
         offending = unsafe_globals(path)
         if offending is None:
             raise CheckpointError(f"cannot read {what} {path}: not a torch checkpoint ({_first_cause(err)})") from None
-        raise UnsafeFileError(f"refusing {what} {path}: loading it would run code ({', '.join(offending) or _first_cause(err)}); spark3d loads "
-                              "weights only and never executes a file's code") from None
+        objects = ", ".join(offending) or _first_cause(err)
+        raise UnsafeFileError(f"refusing {what} {path}: loading it would run code ({objects}); spark3d loads weights "
+                              "only and never executes a file's code") from None
     except Exception as err:  # truncated or not a torch file at all
         raise CheckpointError(f"cannot read {what} {path}: {_first_cause(err)}") from None
 

@@ -89,8 +89,9 @@ class TinyData(Spark3dDataModule):
 class TinyMasked(pl.LightningModule):
     """A masked-reconstruction toy: the mask comes from the global generator, like SparK's."""
 
-    def __init__(self) -> None:
+    def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.net = torch.nn.Linear(8, 8)
 
     def training_step(self, batch, batch_idx):
@@ -105,7 +106,7 @@ class TinyMasked(pl.LightningModule):
         self.log("val/loss", self.net(batch["image"].reshape(-1, 8)).square().mean(), batch_size=1)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=0.05)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -141,17 +142,24 @@ def test_resume_after_a_crash_anywhere_equals_an_uninterrupted_run(tmp_path):
         assert (run / "metrics.csv").read_text() == expected_csv, (hook, step, workers)
 
 
-def test_resume_refuses_what_the_restored_state_would_override(tmp_path):
+def test_resume_refuses_what_the_restored_state_would_override(tmp_path, capsys):
+    from spark3d.cli.runs import check_resume
+
     run = tmp_path / "run"
     _fit(run, CrashAt("batch_start", 4))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    model, data = TinyMasked(), TinyData()
-    data.train_files = data.train_files[:2]  # a datalist of another length
-    trainer = pl.Trainer(default_root_dir=run, max_steps=7, logger=False, enable_progress_bar=False)
-    cli = SimpleNamespace(trainer=trainer, model=model, datamodule=data, config={"ckpt_path": "last", "overwrite": False})
-    with pytest.raises(ConfigError, match="the training list has 2 cases, the run had 3"):
-        run_fit(cli, "toy training")
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    for lr, items, reason in [(0.05, 2, "the training list has 2 cases, the run had 3"), (1e6, 3, "model.lr 0.05 → 1000000.0")]:
+        model, data = TinyMasked(lr), TinyData()
+        data.train_files = data.train_files[:items]
+        trainer = pl.Trainer(default_root_dir=run, max_steps=7, logger=False, enable_progress_bar=False)
+        cli = SimpleNamespace(trainer=trainer, model=model, datamodule=data, config={"ckpt_path": "last"})
+        with pytest.raises(ConfigError, match=reason):
+            run_fit(cli, "toy training")
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "refused before anything is written"
+    longer = pl.Trainer(default_root_dir=run, max_steps=20, logger=False)  # a longer schedule is applied, and said so
+    notes = check_resume(checkpoint, "last.ckpt", TinyMasked(), TinyData(), longer)
+    assert any("max_steps 7 → 20: applied" in note for note in notes)
 
 
 # ------------------------------------------------------------------------------ the real commands, SIGKILLed
@@ -208,6 +216,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(phantoms, tmp_path, 
     args = _pretrain_args if command == "pretrain" else _finetune_args
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert main(args(phantoms, reference)) == 0
+    assert torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # the latest state
     saved_at = _kill_after_checkpoint(args(phantoms, killed), killed, 3)  # 2 steps per epoch: step 3 is mid-epoch
     assert saved_at == 3
     assert main(args(phantoms, killed) + ["--ckpt_path", "last"]) == 0

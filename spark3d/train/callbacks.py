@@ -129,45 +129,47 @@ class DDPConsistencyCheck(pl.Callback):
 class NonFiniteGuard(pl.Callback):
     """Stop training at a non-finite loss or gradient with a TrainingError naming the step; up to
     ``max_skipped_steps`` such steps are skipped first (no update at all: every gradient dropped), each reported.
-    With a gradient scaler (``16-mixed``), overflowing gradients are the scaler's business and only the loss is checked."""
+    The decision is taken right before the optimiser step, on all processes alike (a NaN loss on one rank
+    reaches every rank's gradients through DDP's all-reduce). With a gradient scaler (``16-mixed``),
+    overflowing gradients are the scaler's business and only the loss is checked."""
 
     def __init__(self, max_skipped_steps: int = 0) -> None:
         self.max_skipped_steps = int(max_skipped_steps)
         self.skipped = 0
-        self._skip_this_step = False
+        self._bad_loss: str | None = None
 
-    def _stop_or_skip(self, trainer: pl.Trainer, what: str) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        value = loss.detach()
+        if self._bad_loss is None and not bool(torch.isfinite(value).all()):
+            self._bad_loss = f"non-finite loss ({value.float().mean().item()})"
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
+        problem, self._bad_loss = self._bad_loss, None
+        if problem is None and named and getattr(trainer.precision_plugin, "scaler", None) is None:
+            total = torch.nn.utils.get_total_norm([p.grad for _, p in named], error_if_nonfinite=False)
+            if not bool(torch.isfinite(total)):
+                problem = f"non-finite gradient (first in '{next(n for n, p in named if not torch.isfinite(p.grad).all())}')"
+        bad = problem is not None
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+        what = problem or "a non-finite loss or gradient on another process"
         if self.skipped < self.max_skipped_steps:
             self.skipped += 1
-            self._skip_this_step = True
-            print(f"spark3d: {what} at {where}: step skipped ({self.skipped} of {self.max_skipped_steps} allowed)",
-                  file=sys.stderr)
+            for _, p in named:
+                p.grad = None  # the optimiser skips parameters without a gradient: no step, no decay
+            if trainer.is_global_zero:
+                print(f"spark3d: {what} at {where}: step skipped ({self.skipped} of {self.max_skipped_steps} allowed)",
+                      file=sys.stderr)
             return
         last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         kept = f"; the checkpoints written before it are kept ({last})" if last.is_file() else ""
         raise TrainingError(f"{what} at {where}: training stopped, nothing of this step is saved{kept}. Lower the lr, "
                             "check the data, or allow a few skipped steps with --nonfinite_skip_steps N")
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._skip_this_step = False
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        value = loss.detach()
-        if not bool(torch.isfinite(value).all()):
-            self._stop_or_skip(trainer, f"non-finite loss ({value.float().mean().item()})")
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if not self._skip_this_step and named and getattr(trainer.precision_plugin, "scaler", None) is None:
-            total = torch.nn.utils.get_total_norm([p.grad for _, p in named], error_if_nonfinite=False)
-            if not bool(torch.isfinite(total)):
-                name = next(n for n, p in named if not bool(torch.isfinite(p.grad).all()))
-                self._stop_or_skip(trainer, f"non-finite gradient (first in '{name}')")
-        if self._skip_this_step:
-            for _, p in named:
-                p.grad = None  # the optimiser skips parameters without a gradient: no step, no decay
 
 
 class PeriodicCheckpoint(Checkpoint):
@@ -286,22 +288,21 @@ class ResumeState(pl.Callback):
         self._between_steps: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        loader = trainer.train_dataloader
-        sampler = find_sampler(loader)
+        sampler = find_sampler(trainer.train_dataloader)
         dm = trainer.datamodule
         progress = trainer.fit_loop.epoch_progress.current
         at_epoch_end = progress.processed > progress.completed  # on_train_epoch_end (after the epoch's validation)
+        loop = trainer.fit_loop.epoch_loop
+        batches = trainer.num_training_batches
         checkpoint[RESUME_KEY] = {
-            "at_epoch_end": at_epoch_end, "logger_step": int(trainer.fit_loop.epoch_loop._batches_that_stepped),
+            "at_epoch_end": at_epoch_end, "logger_step": int(loop._batches_that_stepped),
             "rows": _rows_to_log(trainer, at_epoch_end),
             # batches of this epoch trained (on_train_batch_end counts the current one; the epoch end all of them)
-            "epoch": trainer.current_epoch, "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed),
-            "batch_size": int(getattr(loader, "batch_size", None) or 1),
-            "sampler": None if sampler is None else sampler.state_dict(),
+            "epoch": trainer.current_epoch, "batches_done": int(loop.batch_progress.current.processed),
             "rng": self._between_steps if self._between_steps is not None else _rng_state(),
             "epoch_metrics": _epoch_accumulators(trainer),
             "plan": {"train_items": None if sampler is None else sampler.length,
-                     "batches_per_epoch": int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else None,
+                     "batches_per_epoch": None if batches == float("inf") else int(batches),
                      "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
                      "total_steps": int(trainer.estimated_stepping_batches),
                      "crops_per_batch": dm.crops_per_batch if isinstance(dm, Spark3dDataModule) else None,
