@@ -45,7 +45,8 @@ def run_demo(argv: list[str]) -> int:
     run_dir = out / "pretrain"
     print(f"[2/5] SparK pretraining (MONAI SegResNet, 48³ crops, mask ratio 0.6) into {run_dir} …", file=sys.stderr)
     cli_args = ["--config", str(CONFIG_DIR / "pretrain" / "demo_ct.yaml"),
-                "--data.init_args.datalist", str(datalist), "--trainer.default_root_dir", str(run_dir)]
+                "--data.init_args.datalist", str(datalist), "--trainer.default_root_dir", str(run_dir),
+                "--overwrite", "true"]  # the demo's own folder: a rerun replaces the previous demo run
     if args.epochs is not None:
         cli_args += ["--trainer.max_epochs", str(args.epochs)]
     if args.max_steps is not None:
@@ -61,7 +62,7 @@ def run_demo(argv: list[str]) -> int:
     ft_config = str(CONFIG_DIR / "finetune" / "demo_ct.yaml")
     common = ["--config", ft_config, "--data.init_args.datalist", str(datalist)]
     ft_args = [*common, "--model.init_args.pretrained", str(run_dir / "encoder.pt"),
-               "--trainer.default_root_dir", str(ft_dir)]
+               "--trainer.default_root_dir", str(ft_dir), "--overwrite", "true"]
     if args.finetune_epochs is not None:
         ft_args += ["--trainer.max_epochs", str(args.finetune_epochs)]
     if args.max_steps is not None:

@@ -27,7 +27,7 @@ from ..train.pretrain import PretrainModule
 from .runs import check_axes, check_resume, refuse_used_folder, remove_run_files, resolve_ckpt_path
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
-           "prepare_data", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
+           "prepare_data", "precheck_run", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
 
 PRETRAIN_LINKS = {"data.init_args.roi_size": "model.init_args.input_size"}
 SEGMENTATION_LINKS = {"data.init_args.roi_size": "model.init_args.roi_size",
@@ -177,16 +177,33 @@ class Spark3dCLI(LightningCLI):
         for source, target in self.links.items():
             parser.link_arguments(source, target)
 
+    ckpt_path: str | None = None  # --ckpt_path resolved ('last' → RUN/checkpoints/last.ckpt), read weights-only
+    checkpoint: dict[str, Any] | None = None
+    prechecked = False
+
+    @property
+    def training(self) -> bool:
+        return not self.extra_arguments  # evaluate / predict add their own arguments
+
     def before_instantiate_classes(self) -> None:
         """Refuse, before anything is built or written: per-axis values of the wrong length, an unsafe or
-        unreadable pretrained ``encoder.pt``."""
+        unreadable pretrained ``encoder.pt`` or ``--ckpt_path`` and, for training, a run folder holding another run."""
         config = self.config
         check_axes(config)
         pretrained = self._get(config, "model", default={}).get("init_args", {}).get("pretrained")
         if pretrained:
             read_encoder(pretrained)
+        if self.training:
+            root = Path(config.get("trainer.default_root_dir") or "runs/default")
+            self.ckpt_path, self.checkpoint = precheck_run(root, config.get("ckpt_path"), bool(config.get("overwrite")))
+            self.prechecked = True
+        elif config.get("ckpt_path"):
+            read_lightning_checkpoint(config.get("ckpt_path"))  # refused before anything is built
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        if self.training:  # the data is checked before the trainer exists (and says anything)
+            prepare_data(self)
+            self.datamodule.validate()
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs/default"
         if config.get("sync_batchnorm") and isinstance(self.model, PretrainModule):
@@ -243,6 +260,16 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
         return None
 
 
+def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, dict[str, Any] | None]:
+    """``--ckpt_path`` resolved and read weights-only, and the run folder free for this run (or overwritten,
+    or resumed); errors before anything is written."""
+    path = resolve_ckpt_path(ckpt_path, root)
+    checkpoint = read_lightning_checkpoint(path) if path else None
+    if not overwrite:
+        refuse_used_folder(root, path)
+    return path, checkpoint
+
+
 def prepare_data(cli: Spark3dCLI) -> None:
     """Tell the data module the channel count every input must have (the network's)."""
     spec = getattr(cli.model, "spec", None)
@@ -258,11 +285,11 @@ def run_fit(cli: Spark3dCLI, what: str) -> int:
     trainer = cli.trainer
     root = Path(trainer.default_root_dir)
     existed = root.exists()
-    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), root)
-    checkpoint = read_lightning_checkpoint(ckpt_path) if ckpt_path else None
     overwrite = bool(cli.config.get("overwrite"))
-    if not overwrite:
-        refuse_used_folder(root, ckpt_path)
+    if getattr(cli, "prechecked", False):
+        ckpt_path, checkpoint = cli.ckpt_path, cli.checkpoint
+    else:  # a trainer built without Spark3dCLI
+        ckpt_path, checkpoint = precheck_run(root, cli.config.get("ckpt_path"), overwrite)
     prepare_data(cli)
     try:
         cli.datamodule.validate()

@@ -14,12 +14,13 @@ from ..errors import CheckpointError, ConfigError
 from ..train.callbacks import RESUME_KEY
 
 __all__ = ["RUN_FILES", "used_run_files", "refuse_used_folder", "remove_run_files", "resolve_ckpt_path",
-           "check_resume", "check_axes", "RESTORED_HPARAMS"]
+           "check_resume", "check_axes", "RESTORED_HPARAMS", "WEIGHT_HPARAMS"]
 
 RUN_FILES = ("checkpoints", "encoder.pt", "metrics.csv", "config.yaml", "hparams.yaml", "tensorboard", "figures",
              "ddp_check.json")  # what a run writes into its folder
 # model options whose effect lives in the optimiser state a resume restores: changing them cannot take effect
 RESTORED_HPARAMS = ("optimizer", "lr", "base_lr", "betas", "weight_decay", "weight_decay_end", "layer_decay")
+WEIGHT_HPARAMS = ("pretrained",)  # options that only set initial weights: the checkpoint's weights replace them
 _AXES_KEYS = ("model.init_args.input_size", "model.init_args.roi_size", "data.init_args.roi_size",
               "data.init_args.spacing")
 _PER_STAGE_KEYS = ("strides", "kernel_size", "upsample_kernel_size")
@@ -94,7 +95,12 @@ def check_resume(checkpoint: dict[str, Any], path: str, model: Any, datamodule: 
         if _canonical(old_hp[key]) == _canonical(new_hp[key]):
             continue
         change = f"model.{key} {old_hp[key]} → {new_hp[key]}"
-        (refused if key in RESTORED_HPARAMS else notes).append(change)
+        if key in RESTORED_HPARAMS:
+            refused.append(change)
+        elif key in WEIGHT_HPARAMS:
+            notes.append(f"{change}: no effect, the weights come from the checkpoint")
+        else:
+            notes.append(f"{change}: applied")
     state = checkpoint.get(RESUME_KEY)
     if state is None:
         notes.append(f"{path} has no spark3d resume state: data order and generators start afresh")
