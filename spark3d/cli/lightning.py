@@ -158,6 +158,9 @@ class Spark3dCLI(LightningCLI):
     monitor_mode: str = "min"
     links: dict[str, str] = PRETRAIN_LINKS
     extra_arguments: dict[str, dict[str, Any]] = {}
+    ckpt_path: str | None = None  # --ckpt_path resolved ('last' → RUN/checkpoints/last.ckpt), read weights-only
+    checkpoint: dict[str, Any] | None = None
+    prechecked = False  # ckpt_path, checkpoint and the run folder were checked before anything was built
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
@@ -176,10 +179,6 @@ class Spark3dCLI(LightningCLI):
             parser.add_argument(name, **spec)
         for source, target in self.links.items():
             parser.link_arguments(source, target)
-
-    ckpt_path: str | None = None  # --ckpt_path resolved ('last' → RUN/checkpoints/last.ckpt), read weights-only
-    checkpoint: dict[str, Any] | None = None
-    prechecked = False
 
     @property
     def training(self) -> bool:

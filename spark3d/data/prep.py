@@ -77,13 +77,13 @@ def prepare_btcv(raw: str | Path, out: str | Path) -> Path:
                 continue
             image = cases[case]
             label = lab_dir / image.name.replace("img", "label", 1)
-            check_pair(image, label, num_classes=14)
+            check_pair(image, label, num_classes=14, channels=1)  # BTCV is single-channel CT
             split[key].append({"image": _rel(image.resolve(), out), "label": _rel(label.resolve(), out)})
     unused = sorted(set(cases) - set(BTCV_TRAIN_IDS) - set(BTCV_VAL_IDS))
     tests = []
     test_dir = raw / "Testing" / "img"
     for image in sorted(test_dir.glob("img*.nii*")) if test_dir.is_dir() else []:
-        check_volume(image, full=True)
+        check_volume(image, channels=1, full=True)
         tests.append({"image": _rel(image.resolve(), out)})
     if not split["training"]:
         raise DataError(f"none of the standard BTCV training cases (img0001-0010, img0021-0034) are in {img_dir}")
