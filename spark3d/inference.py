@@ -25,10 +25,17 @@ __all__ = ["load_checkpoint", "predict_volume", "evaluate", "predict", "dice_per
 
 
 def load_checkpoint(module: torch.nn.Module, ckpt_path: str | None) -> None:
-    """Load a Lightning checkpoint's weights into ``module`` (an error names a missing or foreign file)."""
+    """Load a Lightning checkpoint's weights into ``module``, read weights-only (an error names a missing, unsafe,
+    non-finite or foreign file)."""
     state = read_lightning_checkpoint(ckpt_path)
     path = Path(ckpt_path)
-    missing, unexpected = module.load_state_dict(state.get("state_dict", {}), strict=False)
+    own = module.state_dict()
+    wrong = [k for k, v in state["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} does not fit this config's network ({len(wrong)} tensors of other "
+                              f"shapes, e.g. '{wrong[0]}' {tuple(state['state_dict'][wrong[0]].shape)} vs "
+                              f"{tuple(own[wrong[0]].shape)})")
+    missing, unexpected = module.load_state_dict(state["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this config's network "
                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]})")
@@ -75,10 +82,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def evaluate(module, data_module: SegmentationData, ckpt_path: str | None, out: str, split: str = "validation") -> dict[str, Any]:
-    """Per-case, per-organ Dice at the original resolution → ``out/dice_per_case.csv`` and ``out/summary.json``."""
+    """Per-case, per-organ Dice at the original resolution → ``out/dice_per_case.csv`` and ``out/summary.json``.
+    The checkpoint is read (weights-only) first, then every case of ``split`` is checked, before anything runs."""
+    load_checkpoint(module, ckpt_path)
     data_module.validate(need_validation=False)
     cases = load_datalist(data_module.datalist, split, keys=("image", "label"))
-    load_checkpoint(module, ckpt_path)
+    for case in cases:
+        data_module.check_case(case)
     names = list(data_module.label_names or [f"class{i}" for i in range(module.hparams.num_classes)])
     rows = []
     for case in cases:
@@ -125,14 +135,30 @@ def _inputs(source: str) -> list[str]:
     return [str(path)]
 
 
+def check_predict_plan(source: str, out: str, files: list[str]) -> None:
+    """The output folder is not the input folder nor inside it, and no two inputs share an output name."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src.is_dir() and (dst == src or src in dst.parents):
+        raise DataError(f"--out {out} is {'the input folder' if dst == src else 'inside the input folder'} {source}: "
+                        "predictions would mix with (and be read back as) inputs; choose another folder")
+    seen: dict[str, str] = {}
+    for f in files:
+        case = _case_name(f)
+        if case in seen:
+            raise DataError(f"{seen[case]} and {f} would both be written to {case}_seg.nii.gz; rename one of them")
+        seen[case] = f
+
+
 def predict(module, data_module: SegmentationData, ckpt_path: str | None, source: str, out: str) -> list[Path]:
-    """Write ``<case>_seg.nii.gz`` (input's shape and affine) and ``<case>_overlay.png`` per input."""
+    """Write ``<case>_seg.nii.gz`` (input's shape and affine) and ``<case>_overlay.png`` per input. The checkpoint
+    (weights-only), the output plan and every input (every voxel, channels) are checked before anything is written."""
     from .viz import save_overlay
 
-    files = _inputs(source)
-    for f in files:
-        check_volume(f)  # every input is readable before anything is written
     load_checkpoint(module, ckpt_path)
+    files = _inputs(source)
+    check_predict_plan(source, out, files)
+    for f in files:
+        check_volume(f, channels=data_module.in_channels, full=True)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = data_module.read_label_names()

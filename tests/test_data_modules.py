@@ -25,7 +25,9 @@ def ct_files(tmp_path):
     # i runs posterior→anterior (+y) at 1 mm, j runs right→left (−x) at 1.2 mm, k superior at 4 mm
     affine = np.array([[0, -1.2, 0, 0], [1.0, 0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 1]])
     _write(tmp_path / "big.nii.gz", vol, affine)
-    _write(tmp_path / "small.nii.gz", np.full((10, 8, 3), 100, np.int16), np.diag([2.0, 2.0, 5.0, 1]))
+    small = np.full((10, 8, 3), 100, np.int16)
+    small[:, :, 0] = 60  # not constant: a constant volume is refused as data
+    _write(tmp_path / "small.nii.gz", small, np.diag([2.0, 2.0, 5.0, 1]))
     (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "big.nii.gz"}, {"image": "small.nii.gz"}],
                                                     "validation": [{"image": "big.nii.gz"}]}))
     return tmp_path

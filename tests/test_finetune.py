@@ -67,7 +67,7 @@ def test_btcv_prep_finetune_evaluate_predict(btcv_raw, tmp_path):
     assert names("test") == ["img0061.nii.gz"] and content["labels"]["1"] == "spleen"
 
     run = tmp_path / "run"
-    assert main(["finetune", *_ft_args(datalist, run, "--trainer.max_steps", "2", "--trainer.check_val_every_n_epoch", "1",
+    assert main(["finetune", *_ft_args(datalist, run, "--trainer.limit_train_batches", "2", "--trainer.check_val_every_n_epoch", "1",
                                        "--trainer.max_epochs", "1")]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
     header = (run / "metrics.csv").read_text().splitlines()[0]

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 from monai import transforms as mt
 
 from spark3d.cli import main
@@ -26,7 +27,8 @@ from spark3d.data.transforms import ct_preprocess
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "pretrain" / "demo_ct.yaml"
-SETTINGS = StoreSettings(spacing=(5.0, 5.0, 5.0), intensity_range=(-175.0, 250.0))  # the demo config's
+_DEMO = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]
+SETTINGS = StoreSettings(spacing=tuple(_DEMO["spacing"]), intensity_range=tuple(_DEMO["intensity_range"]))  # the demo's
 N_TRAIN, N_VAL = 7, 1
 
 
@@ -124,9 +126,12 @@ def test_two_shards_and_merge_equal_one_run(phantoms, store, tmp_path):
     assert sharded == _files(store)
 
 
-@pytest.mark.parametrize("hu,match", [(-1000, "empty after preprocessing"), (40, "constant volume")])
-def test_preprocess_refuses_an_empty_or_constant_volume_in_one_line(tmp_path, capsys, hu, match):
-    nib.save(nib.Nifti1Image(np.full((20, 20, 10), hu, np.int16), np.eye(4)), tmp_path / "flat.nii.gz")
+@pytest.mark.parametrize("hu,other,match", [(-1000, -990, "empty after preprocessing"), (300, 400, "constant volume")])
+def test_preprocess_refuses_an_empty_or_constant_volume_in_one_line(tmp_path, capsys, hu, other, match):
+    """Not constant as read (that is the data module's own check), but empty or constant in the HU window."""
+    volume = np.full((20, 20, 10), hu, np.int16)
+    volume[10:, :, :] = other  # both outside the window −175..250: one value after clipping
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "flat.nii.gz")
     (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "flat.nii.gz"}]}))
     code = main(["preprocess", "--config", str(CONFIG), "--out", str(tmp_path / "s"), "--no-progress",
                  "--data.init_args.datalist", str(tmp_path / "list.json")])
@@ -160,7 +165,7 @@ def test_pretraining_from_the_store_runs_through_the_cli(phantoms, store, tmp_pa
 
 
 @pytest.mark.parametrize("override,match", [
-    ({"spacing": (4.0, 4.0, 4.0)}, "spacing \\[5.0, 5.0, 5.0\\] vs \\[4.0, 4.0, 4.0\\]"),
+    ({"spacing": (4.0, 4.0, 4.0)}, "spacing \\[6.0, 6.0, 6.0\\] vs \\[4.0, 4.0, 4.0\\]"),
     ({"intensity_range": (-1000.0, 1000.0)}, "intensity_range"),
     ({"channels": 2}, "channels 1 vs 2"),
     ({"datalist": "/elsewhere/dataset.json"}, "was made from datalist"),
@@ -190,7 +195,8 @@ def test_two_workers_same_crops_for_same_seed_differ_between_ranks(store):
     a, ds, keys = _epoch_crops(store, seed=7, rank=0)
     b, _, _ = _epoch_crops(store, seed=7, rank=0)
     assert a.shape == (len(keys) * 2, 1, 16, 16, 16) and torch.equal(a, b)
-    # an item is a function of (seed, rank, epoch, index): the main process recomputes what the workers made
+    # an item is a function of its key (index, sample seed), the seed and the rank: the main process recomputes
+    # what the workers made
     again = torch.cat([torch.stack([c["image"] for c in ds[key]]) for key in keys])
     assert torch.equal(a, again)
     other_rank, ds_rank1, _ = _epoch_crops(store, seed=7, rank=1)
@@ -264,7 +270,7 @@ def test_a_crop_reads_only_its_bytes_of_a_volume_larger_than_it_could_load(tmp_p
     del volume
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ds = StoreCropDataset([StoreVolume(path, (1, 1024, 1024, 512))], (32, 32, 32), num_samples=4)
-    crops = [c["image"] for epoch in range(4) for c in ds[(epoch, 0)]]
+    crops = [c["image"] for epoch in range(4) for c in ds[(0, epoch)]]  # volume 0, 4 sample seeds
     centre = read_crop(open_volume(path), (690, 490, 290), (32, 32, 32))
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert len(crops) == 16 and float(centre.sum()) == 1000.0 and grown_mb < 200

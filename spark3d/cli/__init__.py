@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from ..errors import Spark3dError
+from ..errors import find_user_error
 from .commands import (
     run_benchmark, run_check_backbone, run_evaluate, run_export_bundle, run_finetune, run_predict, run_preprocess,
     run_pretrain,
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command][0](rest)
-    except Spark3dError as err:
-        print(f"spark3d {command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # a spark3d error, possibly wrapped by MONAI, Lightning or jsonargparse: one line
+        user = find_user_error(err)
+        if user is None:
+            raise
+        print(f"spark3d {command}: error: {' '.join(str(user).split())}", file=sys.stderr)
         return 2

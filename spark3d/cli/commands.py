@@ -39,10 +39,13 @@ def run_finetune(argv: list[str]) -> int:
 
 def _inference_cli(prog: str, argv: list[str], extra: dict):
     from ..train.segment import SegmentationModule
-    from .lightning import SEGMENTATION_LINKS, parse_or_report
+    from .lightning import SEGMENTATION_LINKS, parse_or_report, prepare_data
 
-    return parse_or_report(SegmentationModule, prog, "Run a fine-tuned checkpoint (the fine-tuning config plus "
-                           "--ckpt_path)", argv, "runs/finetune", links=SEGMENTATION_LINKS, extra_arguments=extra)
+    cli = parse_or_report(SegmentationModule, prog, "Run a fine-tuned checkpoint (the fine-tuning config plus "
+                          "--ckpt_path)", argv, "runs/finetune", links=SEGMENTATION_LINKS, extra_arguments=extra)
+    if cli is not None:
+        prepare_data(cli)
+    return cli
 
 
 def run_evaluate(argv: list[str]) -> int:

@@ -66,7 +66,8 @@ def run_demo(argv: list[str]) -> int:
     pretrain_config, finetune_config, what = METHOD_CONFIGS[args.method]
     print(f"[2/5] {what} into {run_dir} …", file=sys.stderr)
     cli_args = ["--config", str(CONFIG_DIR / "pretrain" / pretrain_config),
-                "--data.init_args.datalist", str(datalist), "--trainer.default_root_dir", str(run_dir)]
+                "--data.init_args.datalist", str(datalist), "--trainer.default_root_dir", str(run_dir),
+                "--overwrite", "true"]  # the demo's own folder: a rerun replaces the previous demo run
     if args.epochs is not None:
         cli_args += ["--trainer.max_epochs", str(args.epochs)]
     if args.max_steps is not None:
@@ -82,7 +83,7 @@ def run_demo(argv: list[str]) -> int:
     ft_config = str(CONFIG_DIR / "finetune" / finetune_config)
     common = ["--config", ft_config, "--data.init_args.datalist", str(datalist)]
     ft_args = [*common, "--model.init_args.pretrained", str(run_dir / "encoder.pt"),
-               "--trainer.default_root_dir", str(ft_dir)]
+               "--trainer.default_root_dir", str(ft_dir), "--overwrite", "true"]
     if args.finetune_epochs is not None:
         ft_args += ["--trainer.max_epochs", str(args.finetune_epochs)]
     if args.max_steps is not None:

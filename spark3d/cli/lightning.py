@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import shutil
 import sys
@@ -16,35 +17,57 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.plugins.io import CheckpointIO
 
+from ..checkpoint import read_encoder, read_lightning_checkpoint, safe_loading
 from ..data.contract import Spark3dDataModule
-from ..errors import DataError, Spark3dError
+from ..errors import DataError, Spark3dError, find_user_error
+from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, ResumeState, SafeCheckpointIO
 from ..train.pretrain import PretrainModule
+from .runs import check_axes, check_resume, refuse_used_folder, remove_run_files, resolve_ckpt_path
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
-           "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
+           "prepare_data", "precheck_run", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
 
 PRETRAIN_LINKS = {"data.init_args.roi_size": "model.init_args.input_size"}
 SEGMENTATION_LINKS = {"data.init_args.roi_size": "model.init_args.roi_size",
                       "data.init_args.num_classes": "model.init_args.num_classes"}
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, newline="")
+    os.replace(tmp, path)
+
+
 class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing ``metrics.csv`` (a resumed run appends to it instead of deleting it)."""
+    """Keeps an existing ``metrics.csv`` (a resumed run appends to it instead of deleting it); a header change
+    rewrites the file atomically."""
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
         if path.is_file():
             with path.open(newline="") as f:
                 header = next(csv.reader(f), [])
-            self.metrics_keys = sorted(header)
+            self.metrics_keys = list(header)  # the file's own column order: appended rows must match it
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        _write_atomic(path, buf.getvalue())
 
 
 class RunCSVLogger(CSVLogger):
-    """CSVLogger writing ``metrics.csv`` straight into the run directory, appending across resumes."""
+    """CSVLogger writing ``metrics.csv`` straight into the run directory, every step (a killed run loses no row
+    a checkpoint holds), appending across resumes; :meth:`drop_from_step` removes the rows a resume redoes."""
 
     def __init__(self, save_dir: str | Path) -> None:
-        super().__init__(save_dir, name="", version="")
+        super().__init__(save_dir, name="", version="", flush_logs_every_n_steps=1)
 
     @property
     def experiment(self) -> ExperimentWriter:
@@ -53,13 +76,59 @@ class RunCSVLogger(CSVLogger):
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
+    def drop_from_step(self, step: int) -> int:
+        """Remove the rows of steps ``>= step`` from ``metrics.csv`` (a killed run's steps after its checkpoint);
+        returns how many were removed."""
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return 0
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+        keep = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) < step]
+        if len(keep) != len(rows):
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(keep)
+            _write_atomic(path, buf.getvalue())
+        return len(rows) - len(keep)
+
+    def restore_rows(self, rows: list[dict[str, Any]]) -> int:
+        """Append the rows a checkpoint holds that ``metrics.csv`` lacks (logged after the checkpoint was written,
+        lost when the run was killed in between); returns how many were added."""
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not rows:
+            return 0
+        fields, existing = [], []
+        if path.is_file():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                fields, existing = list(reader.fieldnames or []), list(reader)
+        missing = [row for row in rows if not any(
+            r.get("step") == str(row["step"]) and all(r.get(k) not in (None, "") for k in row if k not in ("epoch", "step"))
+            for r in existing)]
+        if not missing:
+            return 0
+        fields = sorted(set(fields) | {k for row in missing for k in row})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(existing + missing)
+        _write_atomic(path, buf.getvalue())
+        return len(missing)
+
 
 def run_directory_trainer_kwargs(root: str | Path, config_trainer: dict[str, Any], monitor: str | None = None,
-                                 mode: str = "min") -> dict[str, Any]:
-    """Loggers and checkpointing that put everything of a run under ``root``.
+                                 mode: str = "min", every_n_steps: int = 1000, every_n_minutes: float = 30.0,
+                                 nonfinite_skip_steps: int = 0) -> dict[str, Any]:
+    """Loggers, checkpointing and guards that put everything of a run under ``root``.
 
-    ``root/metrics.csv`` (CSVLogger), ``root/tensorboard/``, ``root/checkpoints/last.ckpt`` (+ best
-    by ``monitor`` when given). User-given loggers and checkpoint callbacks are kept as they are.
+    ``root/metrics.csv`` (CSVLogger), ``root/tensorboard/``, ``root/checkpoints/last.ckpt`` (the latest state:
+    every ``every_n_steps`` steps / ``every_n_minutes`` minutes and every epoch end) and the epoch checkpoint
+    (the best by ``monitor`` when given, else the newest); the non-finite guard, the resume state and the safe
+    checkpoint IO (atomic writes, weights-only reads, never a NaN weight). User-given loggers, checkpoint
+    callbacks and checkpoint IO are kept as they are.
     """
     root = Path(root)
     out: dict[str, Any] = {}
@@ -69,9 +138,16 @@ def run_directory_trainer_kwargs(root: str | Path, config_trainer: dict[str, Any
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         callbacks.append(
             ModelCheckpoint(dirpath=root / "checkpoints", filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
-                            save_last=True, save_top_k=1, monitor=monitor, mode=mode)
+                            save_last=False, save_top_k=1, monitor=monitor, mode=mode)
         )
+    callbacks += [PeriodicCheckpoint(root / "checkpoints", every_n_steps, every_n_minutes), ResumeState(),
+                  NonFiniteGuard(nonfinite_skip_steps)]
     out["callbacks"] = callbacks
+    plugins = config_trainer.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(SafeCheckpointIO())
+    out["plugins"] = plugins
     return out
 
 
@@ -82,16 +158,51 @@ class Spark3dCLI(LightningCLI):
     monitor_mode: str = "min"
     links: dict[str, str] = PRETRAIN_LINKS
     extra_arguments: dict[str, dict[str, Any]] = {}
+    ckpt_path: str | None = None  # --ckpt_path resolved ('last' → RUN/checkpoints/last.ckpt), read weights-only
+    checkpoint: dict[str, Any] | None = None
+    prechecked = False  # ckpt_path, checkpoint and the run folder were checked before anything was built
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from or to evaluate ('last' = the run directory's last.ckpt)")
+        if not self.extra_arguments:  # training commands
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="start afresh in a run folder that holds another run (its checkpoints, metrics, "
+                                "encoder.pt, logs are removed first); without it such a folder is refused")
+            parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000,
+                                help="refresh checkpoints/last.ckpt every N optimiser steps (0: off; epoch ends always)")
+            parser.add_argument("--checkpoint_every_n_minutes", type=float, default=30.0,
+                                help="refresh checkpoints/last.ckpt every M minutes (0: off)")
+            parser.add_argument("--nonfinite_skip_steps", type=int, default=0,
+                                help="steps with a non-finite loss or gradient skipped before training stops")
         for name, spec in self.extra_arguments.items():
             parser.add_argument(name, **spec)
         for source, target in self.links.items():
             parser.link_arguments(source, target)
 
+    @property
+    def training(self) -> bool:
+        return not self.extra_arguments  # evaluate / predict add their own arguments
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse, before anything is built or written: per-axis values of the wrong length, an unsafe or
+        unreadable pretrained ``encoder.pt`` or ``--ckpt_path`` and, for training, a run folder holding another run."""
+        config = self.config
+        check_axes(config)
+        pretrained = self._get(config, "model", default={}).get("init_args", {}).get("pretrained")
+        if pretrained:
+            read_encoder(pretrained)
+        if self.training:
+            root = Path(config.get("trainer.default_root_dir") or "runs/default")
+            self.ckpt_path, self.checkpoint = precheck_run(root, config.get("ckpt_path"), bool(config.get("overwrite")))
+            self.prechecked = True
+        elif config.get("ckpt_path"):
+            read_lightning_checkpoint(config.get("ckpt_path"))  # refused before anything is built
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        if self.training:  # the data is checked before the trainer exists (and says anything)
+            prepare_data(self)
+            self.datamodule.validate()
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs/default"
         if config.get("sync_batchnorm") and isinstance(self.model, PretrainModule):
@@ -102,7 +213,11 @@ class Spark3dCLI(LightningCLI):
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"spark3d: synchronising {n} sparse BatchNorm layers across processes (visible sites only)",
                       file=sys.stderr)
-        kwargs.update(run_directory_trainer_kwargs(root, config, self.monitor, self.monitor_mode))
+        get = self.config.get
+        kwargs.update(run_directory_trainer_kwargs(root, config, self.monitor, self.monitor_mode,
+                                                   get("checkpoint_every_n_steps", 1000) or 0,
+                                                   get("checkpoint_every_n_minutes", 30.0) or 0.0,
+                                                   get("nonfinite_skip_steps", 0) or 0))
         return super().instantiate_trainer(**kwargs)
 
 
@@ -131,40 +246,76 @@ def make_cli(model_class: type, prog: str, description: str, argv: list[str], de
 
 def parse_or_report(model_class: type, prog: str, description: str, argv: list[str], default_root_dir: str,
                     **kw: Any) -> Spark3dCLI | None:
-    """:func:`make_cli`, with bad options, keys or values reported in one line (None then; nothing written)."""
+    """:func:`make_cli`, with bad options, keys or values reported in one line (None then; nothing written).
+    A spark3d error behind the failure (e.g. raised while building the model) is raised as itself, for the CLI's
+    one-line report."""
     try:
         return make_cli(model_class, prog, description, argv, default_root_dir, **kw)
     except (argparse.ArgumentError, ValueError) as err:
-        ours = _spark3d_cause(err)
-        if ours is not None:  # raised while building the model or data: jsonargparse wraps it in a union report
-            print(f"{prog}: error: {ours}", file=sys.stderr)
-        else:
-            print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
+        user = find_user_error(err)
+        if user is not None:
+            raise user from None
+        print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
         return None
 
 
-def _spark3d_cause(err: BaseException) -> Spark3dError | None:
-    """The spark3d error behind a wrapped exception, if any (its one line is the message that matters)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, Spark3dError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, dict[str, Any] | None]:
+    """``--ckpt_path`` resolved and read weights-only, and the run folder free for this run (or overwritten,
+    or resumed); errors before anything is written."""
+    path = resolve_ckpt_path(ckpt_path, root)
+    checkpoint = read_lightning_checkpoint(path) if path else None
+    if not overwrite:
+        refuse_used_folder(root, path)
+    return path, checkpoint
+
+
+def prepare_data(cli: Spark3dCLI) -> None:
+    """Tell the data module the channel count every input must have (the network's)."""
+    spec = getattr(cli.model, "spec", None)
+    if isinstance(cli.datamodule, Spark3dDataModule) and spec is not None:
+        cli.datamodule.in_channels = int(spec.in_channels)
 
 
 def run_fit(cli: Spark3dCLI, what: str) -> int:
-    """Check the data, then fit; on bad data remove a run directory this run created (nothing half-written)."""
-    root = Path(cli.trainer.default_root_dir)
+    """Refuse what cannot work before anything is written — a used run folder (unless resuming it or
+    ``--overwrite``), an unsafe or foreign checkpoint, bad data, a resume that the restored state would
+    contradict — then fit (weights-only resume). On a spark3d error, a run folder this run created is removed
+    unless it already holds a checkpoint (then it is a run to resume)."""
+    trainer = cli.trainer
+    root = Path(trainer.default_root_dir)
     existed = root.exists()
+    overwrite = bool(cli.config.get("overwrite"))
+    if getattr(cli, "prechecked", False):
+        ckpt_path, checkpoint = cli.ckpt_path, cli.checkpoint
+    else:  # a trainer built without Spark3dCLI
+        ckpt_path, checkpoint = precheck_run(root, cli.config.get("ckpt_path"), overwrite)
+    prepare_data(cli)
     try:
         cli.datamodule.validate()
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
-    except DataError:
-        if not existed and cli.trainer.is_global_zero:
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    if cli.trainer.is_global_zero:
+        if checkpoint is not None:
+            for note in check_resume(checkpoint, ckpt_path, cli.model, cli.datamodule, trainer):
+                print(f"spark3d: resume: {note}", file=sys.stderr)
+        if trainer.is_global_zero:
+            if overwrite and checkpoint is None:
+                remove_run_files(root)
+            if checkpoint is not None:
+                resume = checkpoint.get(RESUME_KEY) or {}
+                for logger in trainer.loggers:
+                    if isinstance(logger, RunCSVLogger):
+                        logger.drop_from_step(int(checkpoint.get("global_step", 0)))
+                        logger.restore_rows(resume.get("rows", []))
+        with safe_loading(), warnings.catch_warnings():
+            # the run folder and the data order are spark3d's business (refuse_used_folder, TrainOrder)
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+            trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Exception as err:
+        user = find_user_error(err)
+        if user is None:
+            raise
+        if not existed and trainer.is_global_zero and not any((root / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(root, ignore_errors=True)  # nothing of value was written: leave no half-written folder
+        raise user from None
+    if trainer.is_global_zero:
         print(f"\n{what} finished; run directory: {root}", file=sys.stderr)
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from monai import data as md
@@ -11,9 +11,10 @@ from monai import transforms as mt
 
 from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
-from .datalist import DataError, check_volume, folder_datalist, load_datalist
+from .datalist import CHECKS, DataError, check_volume, folder_datalist, load_datalist
+from .sampling import eval_loader
 from .store import StoreSettings, open_store
-from .store_dataset import EpochSampler, StoreCropDataset
+from .store_dataset import StoreCropDataset
 from .transforms import ct_pretrain_augment, ct_preprocess
 
 __all__ = ["CTPretrainData"]
@@ -39,6 +40,9 @@ class CTPretrainData(Spark3dDataModule):
         store: a preprocessed CT store (``spark3d preprocess --config CFG --out STORE``): crops are read from its
             memory-mapped volumes, nothing is cached, ``cache`` does not apply; its settings must match these.
             ``datalist`` may then be null (when given it must be the one the store was made from).
+        check: what the up-front check reads: ``"full"`` (every voxel: readable, finite, not constant) or
+            ``"header"`` (shape and channels only, for corpora where a full read is expensive; volumes are
+            still checked when training reads them).
     """
 
     def __init__(
@@ -58,10 +62,14 @@ class CTPretrainData(Spark3dDataModule):
         intensity_jitter: float = 0.0,
         channels: int = 1,
         store: str | None = None,
+        check: Literal["full", "header"] = "full",
     ) -> None:
         super().__init__()
         if datalist is None and store is None:
             raise DataError("data.datalist or data.store must be given")
+        if check not in CHECKS:
+            raise DataError(f"data.check must be one of {CHECKS}, got '{check}'")
+        self.check = check
         if cache not in ("ram", "disk", "none"):
             raise DataError(f"data.cache must be 'ram', 'disk' or 'none', got '{cache}'")
         if cache == "disk" and not cache_dir:
@@ -95,8 +103,8 @@ class CTPretrainData(Spark3dDataModule):
                 "orientation": "RAS"}
 
     def validate(self) -> None:
-        """Resolve and check every file (exists, readable header, 3D), or the store (settings as configured,
-        every volume a whole array of the recorded shape), before anything is written."""
+        """Resolve and check every file (exists, 3D, channels; with ``check="full"`` every voxel), or the store
+        (settings as configured, every volume a whole array of the recorded shape), before anything is written."""
         if self.train_files is not None:
             return
         if self.store is not None:
@@ -121,16 +129,21 @@ class CTPretrainData(Spark3dDataModule):
             train = load_datalist(source, self.train_key)
             val = load_datalist(source, self.val_key, required=False) if self.val_key else []
         for entry in train + val:
-            check_volume(entry["image"], spatial_dims=3)
+            check_volume(entry["image"], spatial_dims=3, channels=self.expected_channels, full=self.check == "full")
         return train, val
+
+    @property
+    def expected_channels(self) -> int:
+        """The channels every volume must have: the network's (set by the CLI), else ``channels``."""
+        return self.channels if self.in_channels is None else int(self.in_channels)
 
     def store_settings(self) -> StoreSettings:
         """The preprocessing settings a store for this data module is made with (and must have)."""
-        return StoreSettings(self.spacing, self.intensity_range, self.channels)
+        return StoreSettings(self.spacing, self.intensity_range, self.expected_channels)
 
     # ------------------------------------------------------------------------------ datasets
     def preprocess(self) -> mt.Compose:
-        return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size)
+        return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size, channels=self.expected_channels)
 
     def jitter(self) -> list[mt.MapTransform]:
         """Random intensity scale and shift of the crops (none when ``intensity_jitter`` is 0)."""
@@ -167,15 +180,10 @@ class CTPretrainData(Spark3dDataModule):
             self.val_ds = StoreCropDataset(shard_for_rank(self.val_files, self.trainer, even=False), center=True, **common)
 
     def train_dataloader(self) -> md.DataLoader:
-        drop_last = len(self.train_ds) > self.batch_size
-        if self.store is not None:
-            sampler = EpochSampler(len(self.train_ds), self.train_ds.seed, self.train_ds.stream)
-            return md.DataLoader(self.train_ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                                 persistent_workers=self.num_workers > 0, drop_last=drop_last)
-        return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0, drop_last=drop_last)
+        return self.train_order.loader(self.train_ds, self.batch_size, self.num_workers,
+                                       drop_last=len(self.train_ds) > self.batch_size)
 
     def val_dataloader(self):
         if self.val_ds is None:
             return []
-        return md.DataLoader(self.val_ds, batch_size=self.batch_size * self.num_samples, num_workers=self.num_workers)
+        return eval_loader(self.val_ds, self.batch_size * self.num_samples, self.num_workers)

@@ -8,9 +8,10 @@ from typing import Sequence
 
 from ..errors import DataError
 
-__all__ = ["DataError", "load_datalist", "folder_datalist", "check_volume", "NIFTI_SUFFIXES"]
+__all__ = ["DataError", "load_datalist", "folder_datalist", "check_volume", "check_values", "CHECKS", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+CHECKS = ("full", "header")  # what the up-front check reads: every voxel, or the header only
 
 
 def load_datalist(path: str | Path, key: str = "training", keys: Sequence[str] = ("image",),
@@ -69,9 +70,28 @@ def folder_datalist(folder: str | Path) -> list[dict]:
     return [{"image": str(p)} for p in files]
 
 
-def check_volume(path: str | Path, spatial_dims: int = 3):
-    """Read a NIfTI header and check it holds a volume of ``spatial_dims`` axes; returns the (lazy) nibabel image."""
+def check_values(x, name: str | Path, constant_ok: bool = False) -> None:
+    """Every value finite and, unless ``constant_ok``, not all equal (a numpy array or a tensor); DataError naming ``name``."""
+    import numpy as np
+    import torch
+
+    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if t.is_floating_point():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            what = "every voxel is" if bad == t.numel() else f"{bad} of {t.numel()} voxels are"
+            raise DataError(f"{name}: {what} NaN or infinite; fix or drop this file")
+    if not constant_ok and t.numel() and bool(t.min() == t.max()):
+        raise DataError(f"{name} is constant (every voxel {t.flatten()[0].item():g}): nothing to learn from or segment")
+
+
+def check_volume(path: str | Path, spatial_dims: int = 3, channels: int | None = None, full: bool = False,
+                 constant_ok: bool = False):
+    """Check a NIfTI file holds a volume of ``spatial_dims`` axes (and ``channels`` channels when given) from its
+    header; ``full`` also decompresses every voxel and checks them (finite; not constant unless ``constant_ok``).
+    Returns the (lazy) nibabel image."""
     import nibabel as nib
+    import numpy as np
 
     try:
         img = nib.load(str(path))
@@ -80,4 +100,14 @@ def check_volume(path: str | Path, spatial_dims: int = 3):
         raise DataError(f"cannot read {path} as NIfTI: {err}") from None
     if len(shape) < spatial_dims or any(s <= 1 for s in shape[:spatial_dims]):
         raise DataError(f"{path} has shape {shape}; expected a {spatial_dims}D volume (every spatial axis > 1)")
+    found = int(np.prod(shape[spatial_dims:], dtype=np.int64)) if len(shape) > spatial_dims else 1
+    if channels is not None and found != channels:
+        raise DataError(f"{path} has {found} channel(s) (shape {shape}); the network takes {channels}")
+    if full:
+        try:
+            data = np.asanyarray(img.dataobj)
+        except Exception as err:  # truncated gzip (EOFError), bad zlib stream, short file (OSError, ValueError)
+            raise DataError(f"cannot read {path}: truncated or corrupt data ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+        check_values(data, path, constant_ok)
     return img

@@ -13,6 +13,7 @@ from torchvision import transforms as T
 from .contract import Spark3dDataModule
 from .caching import shard_for_rank
 from .datalist import DataError
+from .sampling import eval_loader
 
 __all__ = ["ImageFolderData", "ImageFiles", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -86,6 +87,8 @@ class ImageFolderData(Spark3dDataModule):
         return files
 
     def validate(self) -> None:
+        if self.in_channels not in (None, 3):
+            raise DataError(f"{self.root}: images are read as RGB (3 channels); the network takes {self.in_channels}")
         if self.train_files is None:
             self.train_files = self.find_images(self.root)
             self.val_files = self.find_images(self.val_root) if self.val_root else []
@@ -112,10 +115,10 @@ class ImageFolderData(Spark3dDataModule):
         self.val_ds = ImageFiles(shard_for_rank(self.val_files, self.trainer, even=False), self.val_transform()) if self.val_files else None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          drop_last=len(self.train_ds) > self.batch_size, persistent_workers=self.num_workers > 0)
+        return self.train_order.loader(self.train_ds, self.batch_size, self.num_workers,
+                                       drop_last=len(self.train_ds) > self.batch_size, loader_class=DataLoader)
 
     def val_dataloader(self):
         if self.val_ds is None:
             return []
-        return DataLoader(self.val_ds, batch_size=self.batch_size, num_workers=self.num_workers)
+        return eval_loader(self.val_ds, self.batch_size, self.num_workers, loader_class=DataLoader)

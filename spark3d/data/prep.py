@@ -1,8 +1,9 @@
 """Turn raw BTCV and Medical Segmentation Decathlon folders into checked, split datalists.
 
-Raw data is only read. Every image/label pair is checked (same spatial shape and affine, label
-values within the declared classes); the first bad case is named in a :class:`DataError`, and
-nothing is written unless every check passes.
+Raw data is only read. Every image/label pair is checked, every voxel decompressed (readable to the
+end, finite, the image not constant, same spatial shape and affine, label values within the declared
+classes); the first bad case is named in a :class:`DataError`, and nothing is written unless every
+check passes.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ def write_json_atomic(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def check_pair(image: Path, label: Path, num_classes: int) -> None:
-    """Image and label exist, share spatial shape and affine, and labels lie in ``0..num_classes-1``."""
+def check_pair(image: Path, label: Path, num_classes: int, channels: int | None = None, full: bool = True) -> None:
+    """Image and label exist, share spatial shape and affine, labels lie in ``0..num_classes-1``, the image has
+    ``channels`` channels (when given); ``full`` also reads every image voxel (finite, not constant)."""
     for path, what in ((image, "image"), (label, "label")):
         if not path.is_file():
             raise DataError(f"{what} file {path} does not exist")
-    img, lab = check_volume(image), check_volume(label)
+    img, lab = check_volume(image, channels=channels, full=full), check_volume(label, channels=1)
     if tuple(img.shape[:3]) != tuple(lab.shape[:3]):
         raise DataError(f"label {label} has shape {tuple(lab.shape[:3])} but its image {image} has {tuple(img.shape[:3])}")
     if not np.allclose(img.affine, lab.affine, atol=1e-3):
@@ -41,7 +43,9 @@ def check_pair(image: Path, label: Path, num_classes: int) -> None:
     try:
         values = np.unique(np.asanyarray(lab.dataobj))
     except Exception as err:
-        raise DataError(f"cannot read label {label}: {err}") from None
+        raise DataError(f"cannot read label {label}: truncated or corrupt data ({type(err).__name__}: {err})") from None
+    if not np.isfinite(values).all():
+        raise DataError(f"label {label} holds NaN or infinite values; expected integers 0..{num_classes - 1}")
     if values.min() < 0 or values.max() > num_classes - 1 or not np.allclose(values, np.round(values)):
         raise DataError(f"label {label} holds values {values.tolist()[:20]}; expected integers 0..{num_classes - 1}")
 
@@ -73,13 +77,13 @@ def prepare_btcv(raw: str | Path, out: str | Path) -> Path:
                 continue
             image = cases[case]
             label = lab_dir / image.name.replace("img", "label", 1)
-            check_pair(image, label, num_classes=14)
+            check_pair(image, label, num_classes=14, channels=1)  # BTCV is single-channel CT
             split[key].append({"image": _rel(image.resolve(), out), "label": _rel(label.resolve(), out)})
     unused = sorted(set(cases) - set(BTCV_TRAIN_IDS) - set(BTCV_VAL_IDS))
     tests = []
     test_dir = raw / "Testing" / "img"
     for image in sorted(test_dir.glob("img*.nii*")) if test_dir.is_dir() else []:
-        check_volume(image)
+        check_volume(image, channels=1, full=True)
         tests.append({"image": _rel(image.resolve(), out)})
     if not split["training"]:
         raise DataError(f"none of the standard BTCV training cases (img0001-0010, img0021-0034) are in {img_dir}")
@@ -137,6 +141,7 @@ def prepare_msd(task: str | Path, out: str | Path, val_fraction: float = 0.2, se
         path = (task / (item if isinstance(item, str) else item["image"])).resolve()
         if not path.is_file():
             raise DataError(f"{meta_path}: test image {path} does not exist")
+        check_volume(path, full=True)
         tests.append({"image": _rel(path, out)})
     split_info["validation_cases"] = sorted(Path(entries[i]["image"]).name for i in val_idx)
     datalist = {

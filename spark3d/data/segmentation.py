@@ -12,8 +12,9 @@ from monai import transforms as mt
 
 from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
-from .datalist import DataError, load_datalist
+from .datalist import CHECKS, DataError, check_volume, load_datalist
 from .prep import check_pair
+from .sampling import eval_loader
 from .transforms import crop_indices, ct_preprocess, segmentation_augment
 
 __all__ = ["SegmentationData"]
@@ -30,6 +31,8 @@ class SegmentationData(Spark3dDataModule):
         check_labels: read every label once at start to check its values (and shapes/affines).
         crop_sampling: ``"posneg"`` (foreground/background, the BTCV recipe) or ``"classes"`` (every class equally).
         max_train_cases: use only the first N training cases (label-efficiency studies).
+        check: what the up-front check reads of each image: ``"full"`` (every voxel: readable, finite, not
+            constant) or ``"header"`` (shape and channels; volumes are still checked when training reads them).
     """
 
     def __init__(
@@ -50,8 +53,12 @@ class SegmentationData(Spark3dDataModule):
         check_labels: bool = True,
         max_train_cases: int | None = None,
         crop_sampling: Literal["posneg", "classes"] = "posneg",
+        check: Literal["full", "header"] = "full",
     ) -> None:
         super().__init__()
+        if check not in CHECKS:
+            raise DataError(f"data.check must be one of {CHECKS}, got '{check}'")
+        self.check = check
         if cache == "disk" and not cache_dir:
             raise DataError("data.cache 'disk' needs data.cache_dir")
         self.datalist = datalist
@@ -97,9 +104,8 @@ class SegmentationData(Spark3dDataModule):
                 )
         if self.max_train_cases is not None:
             train = train[: self.max_train_cases]
-        if self.check_labels:
-            for entry in train + val:
-                check_pair(Path(self._first(entry["image"])), Path(entry["label"]), self.num_classes)
+        for entry in train + val:
+            self.check_case(entry)
         self.read_label_names()
         self.train_files, self.val_files = train, val
 
@@ -116,9 +122,23 @@ class SegmentationData(Spark3dDataModule):
     def _first(image: str | list[str]) -> str:
         return image[0] if isinstance(image, list) else image
 
+    def check_case(self, entry: dict) -> None:
+        """One case before it is used: the image (channels, and every voxel with ``check="full"``) and, with
+        ``check_labels``, its label against it."""
+        full = self.check == "full"
+        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        channels = self.in_channels if len(images) == 1 else None
+        for image in images:
+            check_volume(image, channels=channels, full=full)
+        if len(images) > 1 and self.in_channels is not None and len(images) != self.in_channels:
+            raise DataError(f"case {images[0]} lists {len(images)} channel files; the network takes {self.in_channels}")
+        if self.check_labels and "label" in entry:
+            check_pair(Path(images[0]), Path(entry["label"]), self.num_classes, full=False)
+
     def preprocess(self, keys: Sequence[str] = ("image", "label"), track_meta: bool = False, pad: bool = True) -> mt.Compose:
         window = self.intensity_range if self.intensity == "ct" else None
-        return ct_preprocess(keys, self.spacing, window, self.roi_size if pad else None, True, track_meta)
+        return ct_preprocess(keys, self.spacing, window, self.roi_size if pad else None, True, track_meta,
+                             channels=self.in_channels)
 
     def setup(self, stage: str | None = None) -> None:
         need_val = self.trainer is None or bool(getattr(self.trainer, "limit_val_batches", 1))
@@ -131,10 +151,9 @@ class SegmentationData(Spark3dDataModule):
                                      self.cache, self.cache_dir) if self.val_files else None
 
     def train_dataloader(self) -> md.DataLoader:
-        return md.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0)
+        return self.train_order.loader(self.train_ds, self.batch_size, self.num_workers)
 
     def val_dataloader(self):
         if self.val_ds is None:
             return []
-        return md.DataLoader(self.val_ds, batch_size=1, num_workers=self.num_workers)
+        return eval_loader(self.val_ds, 1, self.num_workers)

@@ -1,22 +1,24 @@
-"""Random crops read straight from the CT store's memory-mapped volumes, with randomness fixed by (seed, stream, epoch, index).
+"""Random crops read straight from the CT store's memory-mapped volumes, with randomness fixed by the item's key.
 
 Only the crop's bytes are read from disk (``np.load(mmap_mode="r")``); nothing is cached in RAM. Every
-random choice of an item (crop positions, flips, intensity jitter) comes from one generator seeded
-by ``(seed, stream, epoch, index)``, so an item is the same whichever worker makes it, whenever it is
-made: a sampler (or a resumed run) that asks for ``(epoch, index)`` gets exactly the same crops.
+random choice of an item (crop positions, flips, intensity jitter) comes from one generator seeded by
+``(seed, stream, sample seed, index)``, where the sample seed comes with the key from the training
+order's resumable sampler (:mod:`spark3d.data.sampling`, a function of its seed, the epoch and the
+position): an item is the same whichever worker makes it, whenever it is made, and a resumed run
+gets exactly the crops an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from .store import StoreVolume, open_volume
 
-__all__ = ["crop_start", "read_crop", "StoreCropDataset", "EpochSampler"]
+__all__ = ["crop_start", "read_crop", "StoreCropDataset"]
 
 
 def crop_start(shape: Sequence[int], roi: Sequence[int], rng: np.random.RandomState | None = None) -> tuple[int, ...]:
@@ -73,27 +75,24 @@ class StoreCropDataset(Dataset):
         self.flip_prob = float(flip_prob)
         self.seed, self.stream, self.center = int(seed), int(stream), bool(center)
         self.intensity_jitter = float(intensity_jitter)
-        self.epoch = 0
+
+    takes_seeds = True  # keys ``(index, sample_seed)``: its own generator, not the global ones (see sampling.py)
 
     def __len__(self) -> int:
         return len(self.volumes)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch used for integer keys (a key ``(epoch, index)`` names its epoch itself)."""
-        self.epoch = int(epoch)
-
-    def generator(self, epoch: int, index: int) -> np.random.RandomState:
-        """The one random stream of item ``index`` in ``epoch``."""
-        seq = np.random.SeedSequence([self.seed % 2**64, self.stream, int(epoch), int(index)])
+    def generator(self, sample_seed: int, index: int) -> np.random.RandomState:
+        """The one random stream of item ``index`` drawn with ``sample_seed``."""
+        seq = np.random.SeedSequence([self.seed % 2**64, self.stream, int(sample_seed), int(index)])
         return np.random.RandomState(np.random.PCG64(seq))
 
     def __getitem__(self, key: int | tuple[int, int]):
-        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (self.epoch, int(key))
+        index, sample_seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         vol = self.volumes[index]
         array = open_volume(vol.path)
         if self.center:
             return {"image": read_crop(array, crop_start(array.shape[1:], self.roi_size), self.roi_size)}
-        rng = self.generator(epoch, index)
+        rng = self.generator(sample_seed, index)
         crops = []
         for _ in range(self.num_samples):
             start = crop_start(array.shape[1:], self.roi_size, rng)
@@ -104,26 +103,3 @@ class StoreCropDataset(Dataset):
                 x.mul_(1.0 + float(scale)).add_(float(shift))
             crops.append({"image": x})
         return crops
-
-
-class EpochSampler(Sampler):
-    """Keys ``(epoch, index)`` over ``n`` items, shuffled by ``(seed, stream, epoch)``; Lightning's
-    ``set_epoch`` moves it on. The epoch travels in the key, so (persistent) workers need no state."""
-
-    def __init__(self, n: int, seed: int = 0, stream: int = 0, shuffle: bool = True) -> None:
-        self.n, self.seed, self.stream, self.shuffle = int(n), int(seed), int(stream), shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = np.arange(self.n)
-        if self.shuffle:
-            seq = np.random.SeedSequence([self.seed % 2**64, self.stream, self.epoch, 2**32])
-            order = np.random.Generator(np.random.PCG64(seq)).permutation(self.n)
-        return iter([(self.epoch, int(i)) for i in order])

@@ -7,17 +7,20 @@ from typing import Sequence
 import numpy as np
 from monai import transforms as mt
 
-from .datalist import DataError
+from .datalist import DataError, check_values
 
 __all__ = ["LoadVolumed", "ct_preprocess", "ct_pretrain_augment", "crop_indices", "segmentation_augment"]
 
 
 class LoadVolumed(mt.MapTransform):
-    """``LoadImaged`` + channel first, with one clear error naming the file when it cannot be read."""
+    """``LoadImaged`` + channel first, with one clear error naming the file when it cannot be read, is not a
+    ``spatial_dims`` volume, holds non-finite values, has another channel count than ``channels`` (first key,
+    the image) or, for the image, is constant."""
 
-    def __init__(self, keys: Sequence[str], spatial_dims: int = 3) -> None:
+    def __init__(self, keys: Sequence[str], spatial_dims: int = 3, channels: int | None = None) -> None:
         super().__init__(keys)
         self.spatial_dims = spatial_dims
+        self.channels = channels
         self.load = mt.LoadImaged(keys, reader="NibabelReader", image_only=True)
         self.channel = mt.EnsureChannelFirstd(keys)
 
@@ -32,7 +35,14 @@ class LoadVolumed(mt.MapTransform):
             shape = tuple(out[k].shape)
             if len(shape) < self.spatial_dims or any(s <= 1 for s in shape[: self.spatial_dims]):
                 raise DataError(f"{data[k]} has shape {shape}; expected a {self.spatial_dims}D volume")
-        return self.channel(out)
+        out = self.channel(out)
+        for i, k in enumerate(self.keys):
+            check_values(out[k], data[k], constant_ok=i > 0)
+        found = int(out[self.keys[0]].shape[0])
+        if self.channels is not None and found != self.channels:
+            raise DataError(f"{data[self.keys[0]]} has {found} channel(s) (shape {tuple(out[self.keys[0]].shape)}, "
+                            f"channel first); the network takes {self.channels}")
+        return out
 
 
 def ct_preprocess(
@@ -42,13 +52,15 @@ def ct_preprocess(
     roi_size: Sequence[int] | None = None,
     crop_foreground: bool = True,
     track_meta: bool = False,
+    channels: int | None = None,
 ) -> mt.Compose:
-    """Load, RAS, resample, intensity → [0, 1] (HU window; ``None``: MRI z-score over non-zero voxels),
-    crop to foreground, pad to the ROI. Deterministic. ``track_meta`` keeps what is needed to invert it."""
+    """Load (checked: finite, ``channels`` when given), RAS, resample, intensity → [0, 1] (HU window; ``None``:
+    MRI z-score over non-zero voxels), crop to foreground, pad to the ROI. Deterministic. ``track_meta`` keeps
+    what is needed to invert it."""
     keys = list(keys)
     image_key = keys[0]
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
-    steps = [LoadVolumed(keys), mt.Orientationd(keys, axcodes="RAS", labels=None)]
+    steps = [LoadVolumed(keys, channels=channels), mt.Orientationd(keys, axcodes="RAS", labels=None)]
     if spacing is not None:
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
     if intensity_range is not None:

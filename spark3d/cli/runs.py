@@ -1,0 +1,155 @@
+"""Run folders, checked before anything is written: one run per folder, what ``--ckpt_path last`` means, what
+a resume may change, and per-axis configuration values that fit the run's dimensionality."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, ConfigError
+from ..train.callbacks import RESUME_KEY
+
+__all__ = ["RUN_FILES", "used_run_files", "refuse_used_folder", "remove_run_files", "resolve_ckpt_path",
+           "check_resume", "check_axes", "RESTORED_HPARAMS", "WEIGHT_HPARAMS"]
+
+RUN_FILES = ("checkpoints", "encoder.pt", "metrics.csv", "config.yaml", "hparams.yaml", "tensorboard", "figures",
+             "ddp_check.json")  # what a run writes into its folder
+# model options whose effect lives in the optimiser state a resume restores: changing them cannot take effect
+RESTORED_HPARAMS = ("optimizer", "lr", "base_lr", "betas", "weight_decay", "weight_decay_end", "layer_decay")
+WEIGHT_HPARAMS = ("pretrained",)  # options that only set initial weights: the checkpoint's weights replace them
+_AXES_KEYS = ("model.init_args.input_size", "model.init_args.roi_size", "data.init_args.roi_size",
+              "data.init_args.spacing")
+_PER_STAGE_KEYS = ("strides", "kernel_size", "upsample_kernel_size")
+
+
+def used_run_files(root: Path) -> list[str]:
+    """What of another run ``root`` holds: checkpoints, ``encoder.pt``, ``metrics.csv``."""
+    found = sorted(str(p.relative_to(root)) for p in (root / "checkpoints").glob("*.ckpt"))
+    return found + [name for name in ("encoder.pt", "metrics.csv") if (root / name).is_file()]
+
+
+def refuse_used_folder(root: Path, ckpt_path: str | None) -> None:
+    """A ConfigError when ``root`` holds a run and this is not a resume of that very run."""
+    found = used_run_files(root)
+    if not found:
+        return
+    if ckpt_path and Path(ckpt_path).resolve().parent == (root / "checkpoints").resolve():
+        return
+    other = f" (--ckpt_path {ckpt_path} is not one of its checkpoints)" if ckpt_path else ""
+    raise ConfigError(f"run folder {root} already holds a run ({', '.join(found[:3])}{', …' if len(found) > 3 else ''})"
+                      f"{other}: resume it with --ckpt_path last, choose another --trainer.default_root_dir, or pass "
+                      "--overwrite true to replace it")
+
+
+def remove_run_files(root: Path) -> None:
+    """Remove what a previous run wrote into ``root`` (``--overwrite``); nothing else in the folder is touched."""
+    for name in RUN_FILES:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def resolve_ckpt_path(value: str | None, root: Path) -> str | None:
+    """``--ckpt_path``: ``last`` is ``root/checkpoints/last.ckpt`` (a fresh run, said so, when there is none yet)."""
+    if not value:
+        return None
+    if value != "last":
+        return value
+    last = root / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return str(last)
+    print(f"spark3d: --ckpt_path last: {last} does not exist yet: starting a fresh run", file=sys.stderr)
+    return None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str).replace("(", "[").replace(")", "]")
+
+
+def _per_rank(n: int, world: int) -> int:
+    return n if world <= 1 else math.ceil(n / world)
+
+
+def check_resume(checkpoint: dict[str, Any], path: str, model: Any, datamodule: Any, trainer: Any) -> list[str]:
+    """Compare a checkpoint with the run about to resume from it: a ConfigError/CheckpointError for what the
+    restored state would contradict (network, optimiser options, data size, batch, processes), notes for what is
+    applied (schedule length, other options)."""
+    own, theirs = model.state_dict(), checkpoint["state_dict"]
+    missing, unexpected = [k for k in own if k not in theirs], [k for k in theirs if k not in own]
+    wrong = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
+    if missing or unexpected or wrong:
+        example = (missing + unexpected + wrong)[0]
+        raise CheckpointError(f"{path} does not fit this config's network ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected, {len(wrong)} other-shaped tensors, e.g. '{example}')")
+    step = int(checkpoint.get("global_step", 0))
+    refused, notes = [], []
+    old_hp = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    new_hp = {k: v for k, v in dict(getattr(model, "hparams", {})).items() if not k.startswith("_")}
+    for key in sorted(set(old_hp) & set(new_hp)):
+        if _canonical(old_hp[key]) == _canonical(new_hp[key]):
+            continue
+        change = f"model.{key} {old_hp[key]} → {new_hp[key]}"
+        if key in RESTORED_HPARAMS:
+            refused.append(change)
+        elif key in WEIGHT_HPARAMS:
+            notes.append(f"{change}: no effect, the weights come from the checkpoint")
+        else:
+            notes.append(f"{change}: applied")
+    state = checkpoint.get(RESUME_KEY)
+    if state is None:
+        notes.append(f"{path} has no spark3d resume state: data order and generators start afresh")
+    else:
+        plan = state["plan"]
+        files = getattr(datamodule, "train_files", None)
+        world = int(trainer.world_size)
+        if files is not None and plan.get("train_items") is not None and \
+                _per_rank(len(files), world) != plan["train_items"]:
+            refused.append(f"the training list has {len(files)} cases, the run had {plan['train_items'] * world}")
+        crops = getattr(datamodule, "crops_per_batch", None)
+        if plan.get("crops_per_batch") is not None and crops != plan["crops_per_batch"]:
+            refused.append(f"a batch holds {crops} crops, the run's held {plan['crops_per_batch']}")
+        for key, now in (("world_size", world), ("accumulate_grad_batches", int(trainer.accumulate_grad_batches))):
+            if plan.get(key) is not None and plan[key] != now:
+                refused.append(f"trainer {key} {plan[key]} → {now}")
+        for key in ("max_epochs", "max_steps"):
+            now = getattr(trainer, key)
+            if plan.get(key) != now:
+                notes.append(f"trainer.{key} {plan.get(key)} → {now}: applied (the lr and weight-decay schedule is "
+                             f"re-planned over the new length from step {step} on)")
+        notes.insert(0, f"continuing {path} at step {step} (epoch {state['epoch']}, {state['batches_done']} batches "
+                        "into it) with its data order, masks and schedule")
+    if refused:
+        raise ConfigError(f"cannot resume from {path}: {'; '.join(refused)} — the restored state (optimiser, data "
+                          "order, schedule) would contradict it. Resume with the run's settings, or start a new run "
+                          "in another folder")
+    return notes
+
+
+def check_axes(config: Any) -> None:
+    """Per-axis values (roi size, input size, spacing, per-stage strides and kernels) hold one value or one per
+    axis of the run's ``model.init_args.spatial_dims``; one value is repeated. ConfigError naming the key."""
+    dims = config.get("model.init_args.spatial_dims")
+    if not isinstance(dims, int):
+        return
+    for key in _AXES_KEYS:
+        value = config.get(key)
+        if value is None or isinstance(value, (int, float)):
+            continue
+        value = list(value)
+        if len(value) == 1:
+            config[key] = value * dims
+        elif len(value) != dims:
+            raise ConfigError(f"{key} has {len(value)} values {value}; a {dims}D run needs one value or {dims} "
+                              "(one per axis)")
+    kwargs = config.get("model.init_args.backbone_kwargs") or {}
+    for key in _PER_STAGE_KEYS:
+        for i, stage in enumerate(kwargs.get(key) or []):
+            if not isinstance(stage, (int, float)) and len(stage) not in (1, dims):
+                raise ConfigError(f"model.init_args.backbone_kwargs.{key}[{i}] is {list(stage)}; a {dims}D network "
+                                  f"needs one value or {dims} (one per axis) per stage")
