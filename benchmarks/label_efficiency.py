@@ -42,7 +42,7 @@ def pretrain(work: Path, datalist: str, args: argparse.Namespace) -> str:
         extra = [] if args.pretrain_steps is None else ["--trainer.max_steps", str(args.pretrain_steps)]
         code = run_pretrain(["--config", str(CONFIGS / "pretrain" / "demo_ct.yaml"), "--data.init_args.datalist", datalist,
                              "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
-                             *_overrides(args), *extra])
+                             "--overwrite", "true", *_overrides(args), *extra])  # an unfinished run is redone
         if code:
             raise SystemExit(code)
     return str(run / "encoder.pt")
@@ -60,7 +60,8 @@ def finetune_and_evaluate(work: Path, datalist: str, encoder: str, n: int, init:
         code = run_finetune([*common, *extra, "--data.init_args.max_train_cases", str(n), "--seed_everything", str(seed),
                              "--trainer.max_steps", str(args.steps), "--trainer.max_epochs", "100000",
                              "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-                             "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run)])
+                             "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run),
+                             "--overwrite", "true"])  # an unfinished run is redone
         code = code or run_evaluate([*common, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
                                      "--out", str(run / "eval")])
         if code:

@@ -38,7 +38,7 @@ def _pretrain(work: Path, datalist: str, init: str, seed: int, steps: int, mask_
         run_pretrain(["--config", str(CONFIGS / "pretrain" / "demo_ct.yaml"), "--data.init_args.datalist", datalist,
                       "--model.init_args.decoder", DECODER[init], "--model.init_args.mask_ratio", str(mask_ratio),
                       "--seed_everything", str(seed), "--trainer.max_steps", str(steps), "--trainer.max_epochs", "100000",
-                      "--trainer.default_root_dir", str(run), *QUIET])
+                      "--trainer.default_root_dir", str(run), "--overwrite", "true", *QUIET])  # unfinished: redone
     return str(encoder)
 
 
@@ -51,7 +51,7 @@ def _finetune(work: Path, datalist: str, name: str, encoder: str | None, seed: i
         pretrained = ["--model.init_args.pretrained", encoder] if encoder else []
         run_finetune([*common, *pretrained, *extra, "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
                       "--trainer.max_epochs", "100000", "--trainer.check_val_every_n_epoch", "100000",
-                      "--trainer.default_root_dir", str(run), *QUIET])
+                      "--trainer.default_root_dir", str(run), "--overwrite", "true", *QUIET])
         run_evaluate([*common, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "eval")])
     return float(json.loads(summary.read_text())["mean_dice"])
 
