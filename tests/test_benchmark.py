@@ -38,6 +38,18 @@ def test_benchmark_json_has_every_mode_and_ratio(tmp_path, capsys, args, memory)
     assert "| sparse |" in table and "time / masked-dense" in table
 
 
+def test_benchmark_runs_convmae_with_its_visible_token_saving(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--config", str(CONFIGS / "demo_convmae_ct.yaml"), "--size", "32", "--batch", "2",
+                 "--repeats", "1", "--warmup", "0", "--no-memory", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"dense", "masked"}
+    assert all(r["error"] is None and r["median_s"] > 0 for r in report["modes"].values())
+    # the transformer sees a quarter of the tokens: the masked encoder does less work than the dense one
+    assert report["ratios"]["masked/dense"]["encoder_flops"] < 0.9
+    assert "| masked |" in capsys.readouterr().out
+
+
 def test_benchmark_reports_a_bad_config_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  class_path: os.system\n")

@@ -172,6 +172,16 @@ class ConvMAE(MaskedModelingMethod):
         pred = unpatchify(pred_blp, self.patch_size, self.mask_grid, self.encoder.in_channels)
         return MaskedModelOutput(loss=self.loss(x, pred_blp, mask), pred=pred, mask=mask)
 
+    # ---------------------------------------------------------------------------------- benchmark parts
+    def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visible tokens and their indices (``mask=None``: every token, the dense cost)."""
+        mask = self.full_mask(x.shape[0]) if mask is None else mask.to(x.device)
+        return self.encode(x, mask), self.visible_index(mask)
+
+    def forward_decoder(self, latent: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """The prediction ``(B, C, *S)`` from :meth:`forward_encoder`'s tokens."""
+        return unpatchify(self.decode(*latent), self.patch_size, self.mask_grid, self.encoder.in_channels)
+
     # ---------------------------------------------------------------------------------- loss
     def target_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Target ``(B, L, P)``: each token's patch, normalised by its own mean and variance when norm-pix is on."""
