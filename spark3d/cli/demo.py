@@ -17,6 +17,9 @@ METHOD_CONFIGS = {
                 "ConvMAE pretraining (tiny hybrid conv + ViT, 64×64×48 crops, mask ratio 0.75)"),
 }
 
+# methods whose fine-tuning network builds from MONAI alone (ConvMAE's hybrid network needs spark3d: no bundle)
+BUNDLE_METHODS = ("spark",)
+
 
 def _epoch_losses(metrics_csv: Path, column: str) -> list[float]:
     with metrics_csv.open() as f:
@@ -104,13 +107,14 @@ def run_demo(argv: list[str]) -> int:
     if code:
         return code
     lap("prediction")
-    bundle = out / "bundle"
-    print(f"      exporting the fine-tuned model as a MONAI bundle into {bundle} …", file=sys.stderr)
-    code = run_export_bundle([*common, "--ckpt_path", ckpt, "--out", str(bundle),
-                              "--summary", str(out / "evaluate" / "summary.json")])
-    if code:
-        return code
-    lap("bundle export")
+    bundle = out / "bundle" if args.method in BUNDLE_METHODS else None
+    if bundle is not None:
+        print(f"      exporting the fine-tuned model as a MONAI bundle into {bundle} …", file=sys.stderr)
+        code = run_export_bundle([*common, "--ckpt_path", ckpt, "--out", str(bundle),
+                                  "--summary", str(out / "evaluate" / "summary.json")])
+        if code:
+            return code
+        lap("bundle export")
 
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
     figures = sorted((run_dir / "figures").glob("*.png"))
@@ -128,9 +132,10 @@ def run_demo(argv: list[str]) -> int:
     print(f"pretraining run        : {run_dir}  (checkpoints/, metrics.csv, tensorboard/, figures/)")
     print(f"fine-tuning run        : {ft_dir}")
     print(f"Dice per case / organ  : {out / 'evaluate' / 'dice_per_case.csv'}, summary.json")
-    print(f"MONAI bundle           : {bundle}  (runs without spark3d:)")
-    print(f"                         python -m monai.bundle run --config_file {bundle / 'configs' / 'inference.json'} "
-          f"--bundle_root {bundle} --dataset_dir {out / 'data' / 'RawData' / 'Testing' / 'img'} --output_dir OUT")
+    if bundle is not None:
+        print(f"MONAI bundle           : {bundle}  (runs without spark3d:)")
+        print(f"                         python -m monai.bundle run --config_file {bundle / 'configs' / 'inference.json'} "
+              f"--bundle_root {bundle} --dataset_dir {out / 'data' / 'RawData' / 'Testing' / 'img'} --output_dir OUT")
     if figures:
         print(f"look at                : {figures[-1]}")
         print("                         input | masked input | reconstruction, three orthogonal mid-slices")
