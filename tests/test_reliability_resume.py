@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,8 +186,18 @@ def _finetune_args(datalist, run):
             "--checkpoint_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)]
 
 
-def _kill_after_checkpoint(argv: list[str], run: Path, step: int) -> int:
-    """Run the command in a subprocess and SIGKILL it once ``last.ckpt`` holds ``step`` (mid-epoch)."""
+def _kill_after_checkpoint(argv: list[str], run: Path, step: int, attempts: int = 4) -> int:
+    """Run the command in a subprocess and SIGKILL it once ``last.ckpt`` holds ``step`` (mid-epoch); on a loaded
+    machine the child can write the next checkpoint before it is seen, so a missed kill is retried afresh."""
+    for _ in range(attempts):
+        saved_at = _kill_once(argv, run, step)
+        if saved_at == step:
+            break
+        shutil.rmtree(run)
+    return saved_at
+
+
+def _kill_once(argv: list[str], run: Path, step: int) -> int:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "spark3d.cli", *argv], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
