@@ -104,7 +104,7 @@ def plot(rows: list[dict], organs: list[str], out: Path, budget: str) -> tuple[P
     ax.set_ylabel("mean Dice, 13 organs (validation phantoms)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     ax.set_title(f"Label efficiency on phantoms\n{budget}", fontsize=9)
     fig.tight_layout()
     curve = out.with_suffix(".png")
