@@ -110,8 +110,8 @@ class Blosc2Crops:
     def __getitem__(self, key):
         import blosc2
 
-        epoch, index = key
-        rng = np.random.RandomState(epoch * 1000 + index)
+        index, sample_seed = key  # the store's keys: (volume index, sample seed)
+        rng = np.random.RandomState((sample_seed * 1000 + index) % 2**32)
         array = blosc2.open(str(self.paths[index]), mode="r")
         out = []
         for _ in range(self.num_samples):
@@ -173,7 +173,7 @@ def main() -> None:
 
         def keys(n: int, keyed: bool, offset: int) -> list:
             idx = rng.integers(0, args.volumes, n)
-            return [(offset + j, int(i)) for j, i in enumerate(idx)] if keyed else [int(i) for i in idx]
+            return [(int(i), offset + j) for j, i in enumerate(idx)] if keyed else [int(i) for i in idx]
 
         rates: dict[str, list[float]] = {name: [] for name in datasets}
         cpu_rates: dict[str, list[float]] = {name: [] for name in datasets}
