@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -54,7 +54,7 @@ class BenchmarkSpec:
     spatial_dims: int = 3
     in_channels: int = 1
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    input_size: list[int] | None = None
+    input_size: list[int] | None = None  # one value per axis, or one value for every axis
     batch: int | None = None
     mask_ratio: float | None = None
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -89,10 +89,12 @@ def build(spec: BenchmarkSpec) -> tuple[MaskedModelingMethod, int, tuple[int, ..
             raise ConfigError(f"{path}: model.class_path must be one of {_MODULE_CLASSES[::2]}, "
                               f"got {model.get('class_path')!r}")
         kwargs = dict(model.get("init_args") or {})
-        size = spec.input_size or data.get("roi_size") or kwargs.get("input_size")
+        default = data.get("roi_size") or kwargs.get("input_size")
+        size = spec.input_size or default
         if size is None:
             raise ConfigError(f"{path}: no data.init_args.roi_size; pass --size")
-        kwargs["input_size"] = list(size)
+        dims = len(default) if default else int(kwargs.get("spatial_dims", 3))
+        kwargs["input_size"] = _per_axis(size, dims)
         if spec.mask_ratio is not None:
             kwargs["mask_ratio"] = spec.mask_ratio
         from .train import pretrain  # the Lightning module builds the method exactly as training does
@@ -110,7 +112,7 @@ def build(spec: BenchmarkSpec) -> tuple[MaskedModelingMethod, int, tuple[int, ..
         name = f"{path.stem} ({kwargs.get('backbone', '?')})"
     else:
         bb = BackboneSpec(spec.backbone, spec.source, spec.spatial_dims, spec.in_channels, dict(spec.backbone_kwargs))
-        size = spec.input_size or ([224, 224] if spec.spatial_dims == 2 else [96, 96, 96])
+        size = _per_axis(spec.input_size or ([224] if spec.spatial_dims == 2 else [96]), spec.spatial_dims)
         ratio = spec.mask_ratio if spec.mask_ratio is not None else (0.6 if spec.spatial_dims == 2 else 0.75)
         try:
             method = build_method(spec.method, bb, size, ratio, **spec.method_args)
@@ -119,6 +121,11 @@ def build(spec: BenchmarkSpec) -> tuple[MaskedModelingMethod, int, tuple[int, ..
         batch = spec.batch or 2
         name = bb.describe()
     return method, batch, tuple(method.input_size), name
+
+
+def _per_axis(size: Sequence[int], dims: int) -> list[int]:
+    """One value per axis: a single value is repeated for every axis."""
+    return list(size) * dims if len(size) == 1 else list(size)
 
 
 def machine() -> dict[str, Any]:

@@ -263,17 +263,11 @@ def run_benchmark(argv: list[str]) -> int:
         raise ConfigError(f"--method-args / --backbone-kwargs must be JSON: {err}") from None
     if args.decoder:
         method_args["decoder"] = args.decoder
-    dims = 2 if args.source == "timm" else args.spatial_dims
-    size = None if args.size is None else (args.size * (dims if len(args.size) == 1 else 1))
-    if args.config and args.size is not None and len(args.size) == 1:
-        size = None  # resolved against the config's dimensionality below
     spec = BenchmarkSpec(config=args.config, method=args.method, backbone=args.backbone, source=args.source,
-                         spatial_dims=dims,
+                         spatial_dims=2 if args.source == "timm" else args.spatial_dims,
                          in_channels=args.in_channels or (3 if args.source == "timm" else 1),
-                         backbone_kwargs=backbone_kwargs, input_size=size, batch=args.batch, mask_ratio=args.mask_ratio,
-                         method_args=method_args)
-    if args.config and args.size is not None and len(args.size) == 1:
-        spec.input_size = [args.size[0]] * len(_config_roi(args.config))
+                         backbone_kwargs=backbone_kwargs, input_size=args.size, batch=args.batch,
+                         mask_ratio=args.mask_ratio, method_args=method_args)
     report = measure(spec, args.modes, args.scope, args.repeats, args.warmup, not args.no_memory, args.threads,
                      log=lambda line: print(line, file=sys.stderr))
     print(format_table(report))
@@ -282,15 +276,3 @@ def run_benchmark(argv: list[str]) -> int:
 
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
-
-
-def _config_roi(path: str) -> list[int]:
-    import yaml
-
-    from ..errors import ConfigError
-
-    try:
-        roi = (yaml.safe_load(open(path)) or {})["data"]["init_args"]["roi_size"]
-    except (OSError, KeyError, TypeError):
-        raise ConfigError(f"{path}: cannot read data.init_args.roi_size to expand --size") from None
-    return list(roi)
