@@ -17,8 +17,16 @@ METHOD_CONFIGS = {
                 "ConvMAE pretraining (tiny hybrid conv + ViT, 64×64×48 crops, mask ratio 0.75)"),
 }
 
-# methods whose fine-tuning network builds from MONAI alone (ConvMAE's hybrid network needs spark3d: no bundle)
-BUNDLE_METHODS = ("spark",)
+
+def _exports_bundle(finetune_config: Path) -> bool:
+    """Whether the config's fine-tuning network builds from MONAI alone (the backbone table says; ConvMAE's
+    hybrid network needs spark3d, so it gets no bundle)."""
+    import yaml
+
+    from ..backbones import lookup
+
+    args = yaml.safe_load(finetune_config.read_text())["model"]["init_args"]
+    return lookup(args.get("source", "monai"), args["backbone"]).bundle_network is not None
 
 
 def _epoch_losses(metrics_csv: Path, column: str) -> list[float]:
@@ -107,7 +115,7 @@ def run_demo(argv: list[str]) -> int:
     if code:
         return code
     lap("prediction")
-    bundle = out / "bundle" if args.method in BUNDLE_METHODS else None
+    bundle = out / "bundle" if _exports_bundle(CONFIG_DIR / "finetune" / finetune_config) else None
     if bundle is not None:
         print(f"      exporting the fine-tuned model as a MONAI bundle into {bundle} …", file=sys.stderr)
         code = run_export_bundle([*common, "--ckpt_path", ckpt, "--out", str(bundle),
