@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UnsafeFileError
+from .errors import CheckpointError, UnsafeFileError, find_os_error
 
 __all__ = ["ENCODER_FORMAT", "ENCODER_FILE", "SAFE_GLOBALS", "safe_loading", "load_weights_only", "unsafe_globals",
            "atomic_save", "nonfinite_tensors", "write_encoder", "read_encoder", "check_encoder_meta",
@@ -133,6 +133,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError whose context is the OSError
+        failed = find_os_error(err)
+        if failed is None:
+            raise
+        raise OSError(failed.errno, failed.strerror, str(path)) from err
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -20,7 +20,7 @@ def run_pretrain(argv: list[str]) -> int:
     if cli is None:
         return 2
     code = run_fit(cli, "pretraining")
-    if cli.trainer.is_global_zero:
+    if code == 0 and cli.trainer.is_global_zero:
         print(f"  encoder: {cli.trainer.default_root_dir}/encoder.pt", file=sys.stderr)
     return code
 

@@ -6,7 +6,7 @@ import argparse
 import csv
 import io
 import os
-import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -21,10 +21,14 @@ from pytorch_lightning.plugins.io import CheckpointIO
 
 from ..checkpoint import read_encoder, read_lightning_checkpoint, safe_loading
 from ..data.contract import Spark3dDataModule
-from ..errors import DataError, Spark3dError, find_user_error
+from ..errors import DataError, Spark3dError, find_os_error, find_user_error, output_error
 from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, ResumeState, SafeCheckpointIO
+from ..train.interrupt import RunInterrupted, SignalStop
 from ..train.pretrain import PretrainModule
-from .runs import check_axes, check_resume, refuse_used_folder, remove_run_files, resolve_ckpt_path
+from .runs import (
+    RunLock, check_axes, check_output_folder, check_resume, clean_failed_run, refuse_used_folder, remove_run_files,
+    resolve_ckpt_path,
+)
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
            "prepare_data", "precheck_run", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
@@ -141,7 +145,7 @@ def run_directory_trainer_kwargs(root: str | Path, config_trainer: dict[str, Any
                             save_last=False, save_top_k=1, monitor=monitor, mode=mode)
         )
     callbacks += [PeriodicCheckpoint(root / "checkpoints", every_n_steps, every_n_minutes), ResumeState(),
-                  NonFiniteGuard(nonfinite_skip_steps)]
+                  NonFiniteGuard(nonfinite_skip_steps), SignalStop(root / "checkpoints")]
     out["callbacks"] = callbacks
     plugins = config_trainer.get("plugins") or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -191,7 +195,10 @@ class Spark3dCLI(LightningCLI):
         check_axes(config)
         pretrained = self._get(config, "model", default={}).get("init_args", {}).get("pretrained")
         if pretrained:
-            read_encoder(pretrained)
+            _, meta = read_encoder(pretrained)
+            if meta.get("complete") is False and os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"spark3d: note: {pretrained} is from a pretraining run that did not finish (step "
+                      f"{meta.get('global_step')} of {meta.get('total_steps')}); using it as it is", file=sys.stderr)
         if self.training:
             root = Path(config.get("trainer.default_root_dir") or "runs/default")
             self.ckpt_path, self.checkpoint = precheck_run(root, config.get("ckpt_path"), bool(config.get("overwrite")))
@@ -261,7 +268,9 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
 
 def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, dict[str, Any] | None]:
     """``--ckpt_path`` resolved and read weights-only, and the run folder free for this run (or overwritten,
-    or resumed); errors before anything is written."""
+    or resumed, and not a file or read-only); errors before anything is written."""
+    check_output_folder(root)
+    RunLock(root).refuse_if_held()
     path = resolve_ckpt_path(ckpt_path, root)
     checkpoint = read_lightning_checkpoint(path) if path else None
     if not overwrite:
@@ -279,8 +288,10 @@ def prepare_data(cli: Spark3dCLI) -> None:
 def run_fit(cli: Spark3dCLI, what: str) -> int:
     """Refuse what cannot work before anything is written — a used run folder (unless resuming it or
     ``--overwrite``), an unsafe or foreign checkpoint, bad data, a resume that the restored state would
-    contradict — then fit (weights-only resume). On a spark3d error, a run folder this run created is removed
-    unless it already holds a checkpoint (then it is a run to resume)."""
+    contradict — then lock the run folder (one run at a time) and fit (weights-only resume). A signal stops
+    training with ``last.ckpt`` written and returns 128 + its number. On a spark3d error or a failed write (full
+    disk, read-only), what this fresh run wrote is removed unless it holds a checkpoint (then it is a run to
+    resume)."""
     trainer = cli.trainer
     root = Path(trainer.default_root_dir)
     existed = root.exists()
@@ -290,11 +301,20 @@ def run_fit(cli: Spark3dCLI, what: str) -> int:
     else:  # a trainer built without Spark3dCLI
         ckpt_path, checkpoint = precheck_run(root, cli.config.get("ckpt_path"), overwrite)
     prepare_data(cli)
+    lock = RunLock(root) if trainer.is_global_zero else None  # the launching process's: DDP workers take none
+    started = lock is None  # this run may clean up after itself (it holds the folder)
     try:
         cli.datamodule.validate()
         if checkpoint is not None:
             for note in check_resume(checkpoint, ckpt_path, cli.model, cli.datamodule, trainer):
                 print(f"spark3d: resume: {note}", file=sys.stderr)
+        if lock is not None:
+            note = lock.acquire()
+            if note:
+                print(f"spark3d: {note}", file=sys.stderr)
+            if not overwrite:
+                refuse_used_folder(root, ckpt_path)  # again, under the lock: a run may have ended in between
+            started = True
         if trainer.is_global_zero:
             if overwrite and checkpoint is None:
                 remove_run_files(root)
@@ -309,13 +329,27 @@ def run_fit(cli: Spark3dCLI, what: str) -> int:
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except RunInterrupted as stop:
+        if trainer.is_global_zero:
+            total = trainer.estimated_stepping_batches
+            of = "" if total == float("inf") else f" of {int(total)}"
+            print(f"spark3d: {what} stopped by {signal.Signals(stop.signum).name} at step {stop.step}{of}: wrote "
+                  f"{stop.path}; continue with the same command plus --ckpt_path last"
+                  f"{' (encoder.pt is marked incomplete)' if (root / 'encoder.pt').is_file() else ''}", file=sys.stderr)
+        return 128 + stop.signum
     except Exception as err:
         user = find_user_error(err)
-        if user is None:
+        failed_write = find_os_error(err) if user is None else None
+        if user is None and failed_write is None:
             raise
-        if not existed and trainer.is_global_zero and not any((root / "checkpoints").glob("*.ckpt")):
-            shutil.rmtree(root, ignore_errors=True)  # nothing of value was written: leave no half-written folder
+        if failed_write is not None:
+            user = output_error(failed_write, root, "cannot write")
+        if trainer.is_global_zero and started:
+            clean_failed_run(root, existed, resumed=checkpoint is not None)
         raise user from None
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.is_global_zero:
         print(f"\n{what} finished; run directory: {root}", file=sys.stderr)
     return 0

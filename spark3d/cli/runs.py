@@ -3,27 +3,138 @@ a resume may change, and per-axis configuration values that fit the run's dimens
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, output_error
 from ..train.callbacks import RESUME_KEY
 
-__all__ = ["RUN_FILES", "used_run_files", "refuse_used_folder", "remove_run_files", "resolve_ckpt_path",
-           "check_resume", "check_axes", "RESTORED_HPARAMS", "WEIGHT_HPARAMS"]
+__all__ = ["RUN_FILES", "LOCK_FILE", "RunLock", "check_output_folder", "run_files", "used_run_files",
+           "refuse_used_folder", "remove_run_files", "clean_failed_run", "resolve_ckpt_path", "check_resume", "check_axes",
+           "RESTORED_HPARAMS", "WEIGHT_HPARAMS"]
 
-RUN_FILES = ("checkpoints", "encoder.pt", "metrics.csv", "config.yaml", "hparams.yaml", "tensorboard", "figures",
-             "ddp_check.json")  # what a run writes into its folder
+LOCK_FILE = ".spark3d-run.lock"
+# what a run writes into its folder, by name: folder -> file-name pattern (a temporary file of an atomic write
+# is ".<name>.<pid>.tmp" or ".<name>.tmp"); --overwrite removes these and nothing else
+RUN_FILES = {"": r"(encoder\.pt|metrics\.csv|config\.yaml|hparams\.yaml|ddp_check\.json)",
+             "checkpoints": r"(last|epoch\d+-step\d+(-v\d+)?)\.ckpt",
+             "tensorboard": r"(events\.out\.tfevents\..+|hparams\.yaml)",
+             "figures": r"reconstruction_epoch\d+(\.tmp)?\.png"}
 # model options whose effect lives in the optimiser state a resume restores: changing them cannot take effect
 RESTORED_HPARAMS = ("optimizer", "lr", "base_lr", "betas", "weight_decay", "weight_decay_end", "layer_decay")
 WEIGHT_HPARAMS = ("pretrained",)  # options that only set initial weights: the checkpoint's weights replace them
 _AXES_KEYS = ("model.init_args.input_size", "model.init_args.roi_size", "data.init_args.roi_size",
               "data.init_args.spacing")
 _PER_STAGE_KEYS = ("strides", "kernel_size", "upsample_kernel_size")
+
+
+def check_output_folder(path: Path, what: str = "run folder") -> None:
+    """An OutputError (naming the path and the errno) when ``path`` cannot become a writable folder: it or a parent
+    is a file, or the nearest existing parent is read-only or forbidden. Nothing is created."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    prefix = what if existing == path else f"{what} {path} cannot be made:"
+    if not existing.is_dir():
+        code = errno.EEXIST if existing == path else errno.ENOTDIR
+        raise output_error(OSError(code, os.strerror(code), str(existing)), what=prefix)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        code = errno.EROFS if read_only else errno.EACCES
+        raise output_error(OSError(code, os.strerror(code), str(existing)), what=prefix)
+
+
+class RunLock:
+    """One run per folder: an exclusive ``flock`` on ``RUN/.spark3d-run.lock`` that holds the owner's PID. The
+    kernel drops it when the process ends, however it ends; a lock file left by a dead process is taken over."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.path = self.root / LOCK_FILE
+        self._fd: int | None = None
+
+    def holder(self) -> str | None:
+        """The PID of a live run holding the lock, else None (a probe: nothing is created or kept)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+
+    def refuse_if_held(self) -> None:
+        """A ConfigError when a live run holds the folder."""
+        holder = self.holder()
+        if holder is not None:
+            raise ConfigError(f"run folder {self.root} is in use by another run (PID {holder} holds {self.path}): "
+                              "wait for it to end, or choose another --trainer.default_root_dir")
+
+    def acquire(self) -> str | None:
+        """Take the lock (creating the folder); a ConfigError when a live run holds it. Returns a note when a
+        dead process's lock file was taken over."""
+        check_output_folder(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    self.refuse_if_held()
+                    continue  # it was released in between
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:  # not a file its previous owner removed while we waited for it
+                    break
+                os.close(fd)
+            before = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            raise output_error(err, self.path, "cannot lock the run folder:") from None
+        self._fd = fd
+        if before and before != str(os.getpid()):
+            return f"took over {self.path} from PID {before}, which is no longer running"
+        return None
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a lock file nobody holds is taken over by the next run
+        os.close(self._fd)
+        self._fd = None
+
+
+def run_files(root: Path) -> list[Path]:
+    """The files of ``root`` that spark3d writes (:data:`RUN_FILES`, and temporary files of their atomic writes)."""
+    found = []
+    for folder, pattern in RUN_FILES.items():
+        name = re.compile(rf"{pattern}|\.{pattern}(\.\d+)?\.(tmp|partial)")
+        where = root / folder if folder else root
+        if where.is_dir():
+            found += sorted(p for p in where.iterdir() if p.is_file() and name.fullmatch(p.name))
+    return found
 
 
 def used_run_files(root: Path) -> list[str]:
@@ -45,14 +156,37 @@ def refuse_used_folder(root: Path, ckpt_path: str | None) -> None:
                       "--overwrite true to replace it")
 
 
-def remove_run_files(root: Path) -> None:
-    """Remove what a previous run wrote into ``root`` (``--overwrite``); nothing else in the folder is touched."""
-    for name in RUN_FILES:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def remove_run_files(root: Path) -> list[Path]:
+    """Remove what spark3d wrote into ``root`` (``--overwrite``, or a failed fresh run) by name — its checkpoints,
+    metrics, logs, figures, ``encoder.pt``, config — then its folders if that left them empty; a file a user put
+    there (``checkpoints/my_backup.ckpt``) is never touched, nor the run lock. Returns what was removed."""
+    removed = run_files(root)
+    for path in removed:
+        path.unlink()
+    for folder in RUN_FILES:
+        if folder and (root / folder).is_dir() and not any((root / folder).iterdir()):
+            (root / folder).rmdir()
+    return removed
+
+
+def clean_failed_run(root: Path, existed: bool, resumed: bool) -> None:
+    """After a run failed: a fresh run that wrote no checkpoint leaves nothing (the folder, if it made it, else its
+    own files), so the same command starts afresh; otherwise the folder is kept to resume (``--ckpt_path last``),
+    with a row of ``metrics.csv`` cut short by a full disk removed."""
+    checkpoints = [p for p in run_files(root) if p.parent.name == "checkpoints" and p.suffix == ".ckpt"]
+    if not resumed and not checkpoints:
+        if existed:
+            remove_run_files(root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        return
+    metrics = root / "metrics.csv"
+    try:
+        text = metrics.read_bytes() if metrics.is_file() else b""
+        if text and not text.endswith(b"\n"):
+            os.truncate(metrics, text.rfind(b"\n") + 1)
+    except OSError:
+        pass  # best effort: a resume drops the rows after its checkpoint and restores the ones it holds
 
 
 def resolve_ckpt_path(value: str | None, root: Path) -> str | None:

@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
-from ..checkpoint import ENCODER_FILE, atomic_save, load_weights_only, nonfinite_tensors
+from ..checkpoint import ENCODER_FILE, atomic_save, load_weights_only, nonfinite_tensors, write_encoder
 from ..data.contract import Spark3dDataModule
 from ..data.sampling import find_sampler
 from ..errors import TrainingError
@@ -92,19 +92,25 @@ class ReconstructionFigures(pl.Callback):
 
 
 class EncoderExport(pl.Callback):
-    """Write ``RUN/encoder.pt`` with every checkpoint and at the end of training (weights-only, with metadata)."""
+    """Write ``RUN/encoder.pt`` (weights-only, with metadata) with every checkpoint, marked ``meta["complete"]``
+    false (a run still going, or stopped by a signal, an error or a kill), and when training has finished,
+    marked true; ``meta["total_steps"]`` is the run's planned length."""
 
     def __init__(self, filename: str = ENCODER_FILE) -> None:
         self.filename = filename
 
-    def _path(self, trainer: pl.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / self.filename
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, complete: bool) -> None:
+        if trainer.is_global_zero:
+            state, meta = pl_module.encoder_export()
+            total = trainer.estimated_stepping_batches
+            write_encoder(Path(trainer.default_root_dir) / self.filename, state,
+                          {**meta, "complete": complete, "total_steps": None if total == float("inf") else int(total)})
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        pl_module.save_encoder(self._path(trainer))
+        self._write(trainer, pl_module, complete=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.save_encoder(self._path(trainer))
+        self._write(trainer, pl_module, complete=True)
 
 
 def state_fingerprint(module: torch.nn.Module) -> str:

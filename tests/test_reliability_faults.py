@@ -1,0 +1,152 @@
+"""Faults around a run: a signal stops training with last.ckpt written and exit 128 + signal (encoder.pt marked
+incomplete); one run per folder (a lock, released at exit or death, a dead owner's lock taken over); a full disk,
+a read-only output or a file in the way is one line naming the path and the errno, with nothing half-written, and
+the same command works once there is space; --overwrite removes only what spark3d writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spark3d.checkpoint import read_encoder
+from spark3d.cli import main
+from spark3d.cli.runs import LOCK_FILE
+from spark3d.data.phantoms import write_btcv_phantoms
+
+REPO = Path(__file__).parents[1]
+TIMEOUT = 600  # seconds: generous, the machine may be loaded
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return write_btcv_phantoms(tmp_path_factory.mktemp("phantoms"), n_train=2, n_val=0, n_test=0, shape=(40, 40, 20),
+                               seed=5)
+
+
+def _pretrain(datalist, run, *extra):
+    return ["pretrain", "--config", str(REPO / "configs/pretrain/demo_ct.yaml"), "--data.init_args.datalist",
+            str(datalist), "--data.init_args.roi_size", "[16, 16, 16]", "--data.init_args.batch_size", "1",
+            "--data.init_args.num_samples", "1", "--data.init_args.spacing", "[6.0, 6.0, 6.0]",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run), *extra]
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", "spark3d.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    """Poll ``condition`` until it holds (the child must still be running)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True, map_location="cpu")["global_step"])
+    except Exception:  # not there yet (it is renamed into place whole)
+        return -1
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "error" in line]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_writes_last_ckpt_exits_128_plus_signal_and_marks_encoder_incomplete(phantoms, tmp_path, capsys,
+                                                                                         signum):
+    run = tmp_path / "run"
+    last, lock = run / "checkpoints" / "last.ckpt", run / LOCK_FILE
+    proc = _start(_pretrain(phantoms, run, "--trainer.max_steps", "100000", "--checkpoint_every_n_steps", "2"))
+    try:
+        _wait_for(lambda: _step(last) >= 2, proc, "the first checkpoint")
+        assert lock.read_text().strip() == str(proc.pid)  # one run per folder: the run holds the lock
+        if signum == signal.SIGTERM:  # meanwhile a second run into the same folder is refused, whatever it asks
+            before = {name: data for name, data in _snapshot(run).items() if name.endswith((".ckpt", ".pt"))}
+            for extra in ([], ["--ckpt_path", "last"], ["--overwrite", "true"]):
+                code = main(_pretrain(phantoms, run, "--trainer.max_steps", "1", *extra))
+                err = _errors(capsys.readouterr().err)
+                assert code == 2 and len(err) == 1 and "in use by another run" in err[0], err
+                assert f"PID {proc.pid}" in err[0]
+            assert all(_snapshot(run).get(name) == data for name, data in before.items()) or proc.poll() is None
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if f"stopped by {signal.Signals(signum).name}" in line]
+    assert len(lines) == 1 and "--ckpt_path last" in lines[0] and str(last) in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr and "encoder:" not in stderr
+    step = _step(last)
+    assert f"at step {step} of 100000" in lines[0]  # the checkpoint holds the step it says
+    _, meta = read_encoder(run / "encoder.pt")
+    assert meta["complete"] is False and meta["global_step"] == step and meta["total_steps"] == 100000
+    assert not lock.exists()  # released on exit
+    # the same command plus --ckpt_path last continues it (here to a nearer end) and the encoder is then final
+    assert main(_pretrain(phantoms, run, "--trainer.max_steps", str(step + 1), "--ckpt_path", "last")) == 0
+    _, meta = read_encoder(run / "encoder.pt")
+    assert meta["complete"] is True and meta["global_step"] == step + 1
+
+
+def test_a_dead_runs_lock_is_taken_over_and_a_killed_run_releases_it(phantoms, tmp_path, capsys):
+    run = tmp_path / "run"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.mkdir()
+    (run / LOCK_FILE).write_text(f"{dead.pid}\n")  # what a SIGKILLed run leaves: the file, no lock on it
+    assert main(_pretrain(phantoms, run, "--trainer.max_steps", "1")) == 0
+    assert f"from PID {dead.pid}, which is no longer running" in capsys.readouterr().err
+    assert not (run / LOCK_FILE).exists()
+    # a run killed outright (no handler runs) leaves its lock file, and the kernel has dropped its lock
+    killed = tmp_path / "killed"
+    proc = _start(_pretrain(phantoms, killed, "--trainer.max_steps", "100000"))
+    try:
+        _wait_for(lambda: (killed / LOCK_FILE).is_file() and (killed / LOCK_FILE).read_text().strip() == str(proc.pid),
+                  proc, "the lock")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert (killed / LOCK_FILE).is_file()
+    assert main(_pretrain(phantoms, killed, "--trainer.max_steps", "1", "--ckpt_path", "last")) == 0
+    assert f"from PID {proc.pid}" in capsys.readouterr().err
+
+
+def test_overwrite_removes_only_what_spark3d_wrote(phantoms, tmp_path):
+    run = tmp_path / "run"
+    assert main(_pretrain(phantoms, run, "--trainer.max_steps", "2", "--checkpoint_every_n_steps", "1")) == 0
+    ours = {p for p in _snapshot(run)}
+    assert {"checkpoints/last.ckpt", "encoder.pt", "metrics.csv", "config.yaml"} <= ours
+    (run / "checkpoints" / "my_model_backup.ckpt").write_bytes(b"the user's own checkpoint")
+    (run / "figures").mkdir(exist_ok=True)
+    (run / "figures" / "my_plot.png").write_bytes(b"the user's figure")
+    (run / "notes.txt").write_text("mine")
+    mine = {name: data for name, data in _snapshot(run).items() if name not in ours}
+    old_last = (run / "checkpoints" / "last.ckpt").read_bytes()
+    assert main(_pretrain(phantoms, run, "--trainer.max_steps", "1", "--overwrite", "true")) == 0
+    after = _snapshot(run)
+    assert all(after.get(name) == data for name, data in mine.items())  # every file of the user, byte for byte
+    assert after["checkpoints/last.ckpt"] != old_last and _step(run / "checkpoints" / "last.ckpt") == 1
+    with (run / "metrics.csv").open() as f:
+        assert [line.split(",")[1] for line in f.read().splitlines()[1:]] == ["0"]  # only the new run's step
