@@ -76,7 +76,7 @@ def test_a_signal_writes_last_ckpt_exits_128_plus_signal_and_marks_encoder_incom
                                                                                          signum):
     run = tmp_path / "run"
     last, lock = run / "checkpoints" / "last.ckpt", run / LOCK_FILE
-    proc = _start(_pretrain(phantoms, run, "--trainer.max_steps", "100000", "--checkpoint_every_n_steps", "2"))
+    proc = _start(_pretrain(phantoms, run, "--checkpoint_every_n_steps", "2"))
     try:
         _wait_for(lambda: _step(last) >= 2, proc, "the first checkpoint")
         assert lock.read_text().strip() == str(proc.pid)  # one run per folder: the run holds the lock
@@ -98,9 +98,9 @@ def test_a_signal_writes_last_ckpt_exits_128_plus_signal_and_marks_encoder_incom
     assert len(lines) == 1 and "--ckpt_path last" in lines[0] and str(last) in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr and "encoder:" not in stderr
     step = _step(last)
-    assert f"at step {step} of 100000" in lines[0]  # the checkpoint holds the step it says
     _, meta = read_encoder(run / "encoder.pt")
-    assert meta["complete"] is False and meta["global_step"] == step and meta["total_steps"] == 100000
+    assert meta["complete"] is False and meta["global_step"] == step and meta["total_steps"] == 160  # 80 epochs × 2
+    assert f"at step {step} of 160" in lines[0]  # the checkpoint holds the step it says
     assert not lock.exists()  # released on exit
     # the same command plus --ckpt_path last continues it (here to a nearer end) and the encoder is then final
     assert main(_pretrain(phantoms, run, "--trainer.max_steps", str(step + 1), "--ckpt_path", "last")) == 0
@@ -119,7 +119,7 @@ def test_a_dead_runs_lock_is_taken_over_and_a_killed_run_releases_it(phantoms, t
     assert not (run / LOCK_FILE).exists()
     # a run killed outright (no handler runs) leaves its lock file, and the kernel has dropped its lock
     killed = tmp_path / "killed"
-    proc = _start(_pretrain(phantoms, killed, "--trainer.max_steps", "100000"))
+    proc = _start(_pretrain(phantoms, killed))
     try:
         _wait_for(lambda: (killed / LOCK_FILE).is_file() and (killed / LOCK_FILE).read_text().strip() == str(proc.pid),
                   proc, "the lock")

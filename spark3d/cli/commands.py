@@ -196,31 +196,60 @@ def run_preprocess(argv: list[str]) -> int:
     parser.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="i/n",
                         help="process volumes k with k %% n == i and write manifest-shard-i-of-n.json (default 0/1)")
     parser.add_argument("--merge", action="store_true", help="join every shard manifest of --out into manifest.json")
+    parser.add_argument("--verify", action="store_true", help="check every volume of --out against its record (size, "
+                        "header, sha256) and write nothing; exit 2 naming the first mismatch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, overrides = parser.parse_known_args(argv)
+    try:
+        return _preprocess(parser, args, overrides)
+    except OSError as err:  # a full disk, a read-only store: one line, no partial file is left
+        from ..errors import OUTPUT_ERRNOS, output_error
+
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        raise output_error(err, args.out, "cannot write the store:") from None
+
+
+def _preprocess(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> int:
     from ..data.store import merge_shards, write_store
 
+    if args.verify:
+        if args.config or overrides or args.merge:
+            parser.error("--verify reads the store only: give --out alone")
+        from ..data.store_verify import refuse_problems, verify_store
+
+        report = verify_store(args.out)
+        refuse_problems(report, args.out)
+        print(f"spark3d preprocess: {args.out}: all {report['volumes']} volumes match their records (size, header, "
+              f"sha256; {report['bytes'] / 1e6:.1f} MB in {report['seconds']:.2f} s, "
+              f"{report['bytes'] / 1e6 / max(report['seconds'], 1e-9):.0f} MB/s)")
+        return 0
     if args.merge:
         if args.config or overrides:
             parser.error("--merge reads the shard manifests only: give --out alone")
         print(f"spark3d preprocess: {merge_shards(args.out)}")
         return 0
     if not args.config:
-        parser.error("--config is required (unless --merge)")
+        parser.error("--config is required (unless --merge or --verify)")
     from pathlib import Path
+
+    from .runs import check_output_folder
 
     from tqdm import tqdm
 
     dm = _pretrain_data_module(args.config, overrides)
     train, val = dm.source_files()  # every file checked before anything is written
+    check_output_folder(Path(args.out), "--out")
     splits = {"training": [e["image"] for e in train], "validation": [e["image"] for e in val]}
     index, count = args.shard
     progress = None if args.no_progress else (
         lambda items: tqdm(items, desc=f"preprocess {index}/{count}" if count > 1 else "preprocess", unit="vol"))
     counts = write_store(splits, args.out, dm.store_settings(), str(Path(dm.datalist).absolute()), args.shard, progress)
     manifest = "manifest.json" if count == 1 else f"manifest-shard-{index}-of-{count}.json"
+    redone = counts["redone"]
+    again = f", {len(redone)} redone: {redone[0]}{' …' if len(redone) > 1 else ''}" if redone else ""
     print(f"spark3d preprocess: {counts['volumes']} volumes ({counts['written']} written, {counts['skipped']} already "
-          f"done) -> {Path(args.out) / manifest}")
+          f"done, checked by sha256{again}) -> {Path(args.out) / manifest}")
     return 0
 
 

@@ -26,8 +26,8 @@ from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, Re
 from ..train.interrupt import RunInterrupted, SignalStop
 from ..train.pretrain import PretrainModule
 from .runs import (
-    RunLock, check_axes, check_output_folder, check_resume, clean_failed_run, refuse_used_folder, remove_run_files,
-    resolve_ckpt_path,
+    RunLock, check_axes, check_output_folder, check_resume, clean_failed_run, is_launching_process, refuse_used_folder,
+    remove_run_files, resolve_ckpt_path,
 )
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
@@ -270,7 +270,8 @@ def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[st
     """``--ckpt_path`` resolved and read weights-only, and the run folder free for this run (or overwritten,
     or resumed, and not a file or read-only); errors before anything is written."""
     check_output_folder(root)
-    RunLock(root).refuse_if_held()
+    if is_launching_process():  # a DDP worker re-running the command: its launcher holds the lock
+        RunLock(root).refuse_if_held()
     path = resolve_ckpt_path(ckpt_path, root)
     checkpoint = read_lightning_checkpoint(path) if path else None
     if not overwrite:
@@ -301,7 +302,8 @@ def run_fit(cli: Spark3dCLI, what: str) -> int:
     else:  # a trainer built without Spark3dCLI
         ckpt_path, checkpoint = precheck_run(root, cli.config.get("ckpt_path"), overwrite)
     prepare_data(cli)
-    lock = RunLock(root) if trainer.is_global_zero else None  # the launching process's: DDP workers take none
+    # the launching process's: DDP workers take none
+    lock = RunLock(root) if trainer.is_global_zero and is_launching_process() else None
     started = lock is None  # this run may clean up after itself (it holds the folder)
     try:
         cli.datamodule.validate()

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError, output_error
 from ..train.callbacks import RESUME_KEY
 
-__all__ = ["RUN_FILES", "LOCK_FILE", "RunLock", "check_output_folder", "run_files", "used_run_files",
+__all__ = ["RUN_FILES", "LOCK_FILE", "RunLock", "is_launching_process", "check_output_folder", "run_files", "used_run_files",
            "refuse_used_folder", "remove_run_files", "clean_failed_run", "resolve_ckpt_path", "check_resume", "check_axes",
            "RESTORED_HPARAMS", "WEIGHT_HPARAMS"]
 
@@ -51,6 +51,13 @@ def check_output_folder(path: Path, what: str = "run folder") -> None:
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         code = errno.EROFS if read_only else errno.EACCES
         raise output_error(OSError(code, os.strerror(code), str(existing)), what=prefix)
+
+
+def is_launching_process() -> bool:
+    """True in the process that started the run, False in a DDP worker it (or torchrun, SLURM) started: any of
+    ``RANK``, ``LOCAL_RANK``, ``NODE_RANK``, ``GROUP_RANK``, ``SLURM_PROCID`` non-zero."""
+    return all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                                                            "SLURM_PROCID"))
 
 
 class RunLock:

@@ -15,6 +15,7 @@ from .datalist import CHECKS, DataError, check_volume, folder_datalist, load_dat
 from .sampling import eval_loader
 from .store import StoreSettings, open_store
 from .store_dataset import StoreCropDataset
+from .store_verify import refuse_problems, verify_store
 from .transforms import ct_pretrain_augment, ct_preprocess
 
 __all__ = ["CTPretrainData"]
@@ -43,6 +44,8 @@ class CTPretrainData(Spark3dDataModule):
         check: what the up-front check reads: ``"full"`` (every voxel: readable, finite, not constant) or
             ``"header"`` (shape and channels only, for corpora where a full read is expensive; volumes are
             still checked when training reads them).
+        verify_store: with a store, compare every volume's sha256 with its record before training (a full read
+            of the store; without it each volume's size and header are checked).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class CTPretrainData(Spark3dDataModule):
         channels: int = 1,
         store: str | None = None,
         check: Literal["full", "header"] = "full",
+        verify_store: bool = False,
     ) -> None:
         super().__init__()
         if datalist is None and store is None:
@@ -89,6 +93,7 @@ class CTPretrainData(Spark3dDataModule):
         self.intensity_jitter = float(intensity_jitter)
         self.channels = int(channels)
         self.store = store
+        self.verify_store = bool(verify_store)
         self.train_files: list | None = None  # datalist entries, or StoreVolume records with a store
         self.val_files: list = []
 
@@ -111,6 +116,8 @@ class CTPretrainData(Spark3dDataModule):
             store = open_store(self.store)
             store.check_agrees(self.store_settings(), self.datalist)
             store.check_files()
+            if self.verify_store:
+                refuse_problems(verify_store(self.store), self.store)
             train, val = store.volumes("training"), store.volumes("validation")
             if not train:
                 raise DataError(f"store {self.store} holds no training volumes")

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["STORE_FORMAT", "FORMAT_VERSION", "MANIFEST", "StoreSettings", "StoreVolume", "CTStore",
+__all__ = ["STORE_FORMAT", "FORMAT_VERSION", "MANIFEST", "StoreSettings", "StoreVolume", "CTStore", "sha256_file",
            "check_preprocessed_volume", "library_versions", "volume_id", "preprocess_volume", "write_store",
            "merge_shards", "open_store", "open_volume"]
 
@@ -68,11 +68,8 @@ class StoreSettings:
         out = []
         for key, mine in asdict(self).items():
             theirs = getattr(other, key)
-            if isinstance(mine, tuple) and isinstance(theirs, tuple) and len(mine) == len(theirs):
-                same = np.allclose(mine, theirs, rtol=0, atol=1e-6)
-            else:
-                same = mine == theirs
-            if not same:
+            both = isinstance(mine, tuple) and isinstance(theirs, tuple) and len(mine) == len(theirs)
+            if not (np.allclose(mine, theirs, rtol=0, atol=1e-6) if both else mine == theirs):
                 out.append(f"{key} {_show(mine)} vs {_show(theirs)}")
         return out
 
@@ -127,7 +124,8 @@ def volume_id(source: str | Path) -> str:
     return f"{stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -138,11 +136,14 @@ def _sha256_file(path: Path) -> str:
 def _atomic_write(path: Path, data: bytes | memoryview, tag: str = "") -> None:
     """Write ``path`` whole or not at all: a ``.partial`` file (``tag`` tells writers apart), flushed, renamed."""
     tmp = path.with_name(f".{path.name}{tag}.partial")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
 
 
 def _json_bytes(obj: dict[str, Any]) -> bytes:
@@ -170,19 +171,24 @@ def preprocess_volume(source: str, settings: StoreSettings) -> tuple[np.ndarray,
     return array, affine, spacing
 
 
-def _finished(volumes: Path, vid: str, source: Path) -> dict | None:
-    """The record of a finished volume made from this very file (same size and mtime), else None."""
+def _finished(volumes: Path, vid: str, source: Path) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for a volume made from this very file (same size and mtime) whose array is the one
+    recorded (size, header, sha256); ``(None, why not)`` when its record does not hold; ``(None, None)``: none."""
+    if not (volumes / f"{vid}.json").exists():
+        return None, None
     try:
-        record = json.loads((volumes / f"{vid}.json").read_text())
-        stat = source.stat()
-        ok = (record["source"] == str(source) and record["source_bytes"] == stat.st_size
-              and record["source_mtime_ns"] == stat.st_mtime_ns
-              and (volumes / f"{vid}.npy").stat().st_size == record["bytes"])
-        if ok:
-            open_volume(volumes / f"{vid}.npy", record["shape"], record["dtype"])  # its header, not its bytes
-    except (OSError, ValueError, KeyError):  # DataError is a ValueError
-        return None
-    return record if ok else None
+        record, stat = json.loads((volumes / f"{vid}.json").read_text()), source.stat()
+        if [record["source"], record["source_bytes"], record["source_mtime_ns"]] != [str(source), stat.st_size,
+                                                                                    stat.st_mtime_ns]:
+            return None, "its source file changed"
+        if (volumes / f"{vid}.npy").stat().st_size != record["bytes"]:
+            return None, "its array is not the recorded size"
+        open_volume(volumes / f"{vid}.npy", record["shape"], record["dtype"])
+        if sha256_file(volumes / f"{vid}.npy") != record["sha256"]:
+            return None, "its array's sha256 differs from its record (changed or corrupted)"
+    except (OSError, ValueError, KeyError, TypeError) as err:  # DataError is a ValueError
+        return None, f"its record or array is unreadable ({type(err).__name__})"
+    return record, None
 
 
 def _store_header(settings: StoreSettings) -> dict[str, Any]:
@@ -234,11 +240,12 @@ def write_store(splits: dict[str, list[str]], out: str | Path, settings: StoreSe
     volumes = out / VOLUMES
     sources = _unique_sources(splits)
     mine = [s for k, s in enumerate(sources) if k % count == index]
-    records: dict[str, dict] = {}
-    written = 0
+    records, written, redone = {}, 0, []
     for source in (progress(mine) if progress is not None else mine):
         vid, path = volume_id(source), Path(source)
-        record = _finished(volumes, vid, path)
+        record, why = _finished(volumes, vid, path)
+        if why is not None:
+            redone.append(f"{VOLUMES}/{vid}.npy: {why}")
         if record is None:
             array, affine, spacing = preprocess_volume(source, settings)
             buffer = io.BytesIO()
@@ -248,7 +255,7 @@ def write_store(splits: dict[str, list[str]], out: str | Path, settings: StoreSe
             record = {"id": vid, "file": f"{VOLUMES}/{vid}.npy", "shape": list(array.shape), "dtype": settings.dtype,
                       "spacing": list(spacing), "affine": affine.tolist(), "source": str(path),
                       "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
-                      "source_sha256": _sha256_file(path), "bytes": len(data),
+                      "source_sha256": sha256_file(path), "bytes": len(data),
                       "sha256": hashlib.sha256(data).hexdigest()}
             _atomic_write(volumes / f"{vid}.npy", data)
             _atomic_write(volumes / f"{vid}.json", _json_bytes(record))
@@ -261,7 +268,7 @@ def write_store(splits: dict[str, list[str]], out: str | Path, settings: StoreSe
     else:
         _atomic_write(out / f"manifest-shard-{index}-of-{count}.json",
                       _json_bytes({**manifest, "shard": [index, count], "volumes": records}))
-    return {"volumes": len(mine), "written": written, "skipped": len(mine) - written}
+    return {"volumes": len(mine), "written": written, "skipped": len(mine) - written, "redone": redone}
 
 
 def _read_json(path: Path) -> dict:
@@ -378,9 +385,14 @@ class CTStore:
                             "set it to the store's datalist or to null")
 
     def check_files(self) -> None:
-        """Open every volume of the manifest (header only): each must be a whole array of the recorded shape."""
+        """Every volume of the manifest is its recorded size and a whole array of the recorded shape and dtype
+        (its header: no voxel is read; ``store_verify.verify_store`` compares full hashes)."""
         for record in self.manifest["volumes"].values():
-            open_volume(self.root / record["file"], record["shape"], record["dtype"])
+            path = self.root / record["file"]
+            if path.is_file() and path.stat().st_size != record["bytes"]:
+                raise DataError(f"store volume {path} is {path.stat().st_size} bytes, the manifest says "
+                                f"{record['bytes']}: re-run spark3d preprocess on the store (it redoes it)")
+            open_volume(path, record["shape"], record["dtype"])
 
 
 def open_store(root: str | Path) -> CTStore:
