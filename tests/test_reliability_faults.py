@@ -150,3 +150,100 @@ def test_overwrite_removes_only_what_spark3d_wrote(phantoms, tmp_path):
     assert after["checkpoints/last.ckpt"] != old_last and _step(run / "checkpoints" / "last.ckpt") == 1
     with (run / "metrics.csv").open() as f:
         assert [line.split(",")[1] for line in f.read().splitlines()[1:]] == ["0"]  # only the new run's step
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size: str):
+    """A real tmpfs of ``size`` at ``path`` (a full disk and a read-only one are the real thing), unmounted after."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
+                   capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
+
+
+def test_a_full_or_read_only_disk_is_one_line_leaves_nothing_and_the_same_command_runs_after(phantoms, tmp_path,
+                                                                                            capsys):
+    with _small_disk(tmp_path / "disk", "96k") as disk:
+        run = disk / "run"
+        command = _pretrain(phantoms, run, "--trainer.max_steps", "1", "--ckpt_path", "last")
+        assert main(command) == 2  # the checkpoint does not fit
+        err = _errors(capsys.readouterr().err)
+        assert len(err) == 1 and "No space left on device (errno 28 ENOSPC)" in err[0] and str(run) in err[0], err
+        assert list(disk.iterdir()) == []  # a fresh run that wrote no checkpoint leaves nothing, not half a folder
+        _remount(disk, "ro")
+        assert main(command) == 2
+        err = _errors(capsys.readouterr().err)
+        assert len(err) == 1 and "errno 30 EROFS" in err[0] and str(run) in err[0], err
+        _remount(disk, "rw,size=64m")  # space again: the very same command runs
+        assert main(command) == 0
+        assert _step(run / "checkpoints" / "last.ckpt") == 1 and read_encoder(run / "encoder.pt")[1]["complete"]
+
+
+def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_resumes(phantoms, tmp_path, capsys):
+    with _small_disk(tmp_path / "disk", "64m") as disk:
+        run, filler = disk / "run", disk / "filler"
+        last = run / "checkpoints" / "last.ckpt"
+        proc = _start(_pretrain(phantoms, run, "--checkpoint_every_n_steps", "1"))
+        try:
+            _wait_for(lambda: _step(last) >= 1, proc, "the first checkpoint")
+            with filler.open("wb") as f, contextlib.suppress(OSError):  # fill the disk to the last byte
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+            _, stderr = proc.communicate(timeout=TIMEOUT)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        err = _errors(stderr)
+        assert proc.returncode == 2 and len(err) == 1 and "errno 28 ENOSPC" in err[0] and str(run) in err[0], stderr
+        assert "Traceback" not in stderr
+        step = _step(last)  # the last whole checkpoint is kept, nothing half-written beside it
+        assert step >= 1 and not [p for p in run.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+        assert (run / "metrics.csv").read_bytes().endswith(b"\n")
+        filler.unlink()
+        assert main(_pretrain(phantoms, run, "--trainer.max_steps", str(step + 1), "--ckpt_path", "last")) == 0
+        assert _step(last) == step + 1
+
+
+def test_a_file_in_the_way_of_an_output_is_one_line_naming_it(phantoms, tmp_path, capsys):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("mine")
+    for out, code in ((in_the_way, "errno 17 EEXIST"), (in_the_way / "run", "errno 20 ENOTDIR")):
+        assert main(_pretrain(phantoms, out, "--trainer.max_steps", "1")) == 2
+        err = _errors(capsys.readouterr().err)
+        assert len(err) == 1 and code in err[0] and str(in_the_way) in err[0], err
+        assert main(["preprocess", "--config", str(REPO / "configs/pretrain/demo_ct.yaml"), "--data.init_args.datalist",
+                     str(phantoms), "--out", str(out), "--no-progress"]) == 2
+        err = _errors(capsys.readouterr().err)
+        assert len(err) == 1 and code in err[0] and str(in_the_way) in err[0], err
+    assert in_the_way.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_export_bundle_into_an_existing_bundle_needs_overwrite_and_keeps_the_users_files(tmp_path):
+    from spark3d.data import SegmentationData
+    from spark3d.errors import ConfigError
+    from spark3d.export import export_bundle
+    from spark3d.train import SegmentationModule
+
+    data = SegmentationData(str(tmp_path / "unused.json"), num_classes=3, roi_size=(32, 32, 32))
+    module = SegmentationModule(backbone="segresnet", backbone_kwargs={"init_filters": 8}, num_classes=3,
+                                roi_size=(32, 32, 32))
+    bundle = export_bundle(module, data, None, tmp_path / "bundle")
+    (bundle / "docs" / "my_notes.md").write_text("mine")
+    first = _snapshot(bundle)
+    with pytest.raises(ConfigError, match="already holds a spark3d bundle: pass --overwrite true"):
+        export_bundle(module, data, None, bundle)
+    assert _snapshot(bundle) == first
+    with torch.no_grad():
+        next(module.network.parameters()).add_(1.0)  # other weights: the bundle must change
+    export_bundle(module, data, None, bundle, overwrite=True)
+    after = _snapshot(bundle)
+    assert after["docs/my_notes.md"] == b"mine" and after["models/model.pt"] != first["models/model.pt"]
+    assert set(after) == set(first)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from ..errors import find_user_error
+from ..errors import find_os_error, find_user_error, output_error
 from .commands import (
     run_benchmark, run_check_backbone, run_evaluate, run_export_bundle, run_finetune, run_predict, run_preprocess,
     run_pretrain,
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command][0](rest)
     except Exception as err:  # a spark3d error, possibly wrapped by MONAI, Lightning or jsonargparse: one line
         user = find_user_error(err)
-        if user is None:
-            raise
+        if user is None:  # a full disk, a read-only output, a file in the way: one line naming the path
+            failed = find_os_error(err)
+            if failed is None:
+                raise
+            user = output_error(failed)
         print(f"spark3d {command}: error: {' '.join(str(user).split())}", file=sys.stderr)
         return 2

@@ -82,10 +82,13 @@ def run_export_bundle(argv: list[str]) -> int:
     cli = _inference_cli("spark3d export-bundle", argv, {
         "--out": {"type": str, "required": True, "help": "bundle folder (configs/, models/, docs/, LICENSE)"},
         "--summary": {"type": str, "default": None,
-                      "help": "a `spark3d evaluate` summary.json for the bundle's Dice table"}})
+                      "help": "a `spark3d evaluate` summary.json for the bundle's Dice table"},
+        "--overwrite": {"type": bool, "default": False,
+                        "help": "replace a spark3d bundle already in --out (files of yours in it are kept)"}})
     if cli is None:
         return 2
-    out = export_bundle(cli.model, cli.datamodule, cli.config["ckpt_path"], cli.config["out"], cli.config["summary"])
+    out = export_bundle(cli.model, cli.datamodule, cli.config["ckpt_path"], cli.config["out"], cli.config["summary"],
+                        overwrite=bool(cli.config["overwrite"]))
     print(out)
     print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
           "--dataset_dir IMAGES --output_dir LABELS", file=sys.stderr)
@@ -200,17 +203,6 @@ def run_preprocess(argv: list[str]) -> int:
                         "header, sha256) and write nothing; exit 2 naming the first mismatch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        return _preprocess(parser, args, overrides)
-    except OSError as err:  # a full disk, a read-only store: one line, no partial file is left
-        from ..errors import OUTPUT_ERRNOS, output_error
-
-        if err.errno not in OUTPUT_ERRNOS:
-            raise
-        raise output_error(err, args.out, "cannot write the store:") from None
-
-
-def _preprocess(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> int:
     from ..data.store import merge_shards, write_store
 
     if args.verify:

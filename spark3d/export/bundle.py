@@ -308,7 +308,11 @@ def _training_facts(module, data: SegmentationData, ckpt_path: str) -> dict[str,
     return facts
 
 
-def _prepare_out(out: Path) -> None:
+BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "models/model.pt",
+                "models/model.ts", "docs/README.md", "LICENSE")  # what export_bundle writes
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     meta = out / "configs" / "metadata.json"
@@ -318,18 +322,22 @@ def _prepare_out(out: Path) -> None:
         ours = False
     if out.is_file() or (any(out.iterdir()) and not ours):
         raise ConfigError(f"--out {out} exists and is not a spark3d bundle: choose another folder or remove it")
+    if ours and not overwrite:
+        raise ConfigError(f"--out {out} already holds a spark3d bundle: pass --overwrite true to replace it, or choose "
+                          "another folder")
 
 
 def export_bundle(module, data: SegmentationData, ckpt_path: str | None, out: str | Path,
-                  summary: str | Path | None = None) -> Path:
-    """Write the MONAI bundle of a fine-tuned checkpoint to ``out`` (replacing an earlier spark3d bundle there).
+                  summary: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write the MONAI bundle of a fine-tuned checkpoint to ``out`` (an earlier spark3d bundle there only with
+    ``overwrite``: its files are replaced, any other file in it is kept).
 
     ``module`` is the fine-tuning config's ``SegmentationModule`` and ``data`` its ``SegmentationData``;
     ``summary`` is an optional ``spark3d evaluate`` ``summary.json`` for the Dice table. Nothing is written
     when the network, the checkpoint or the summary is refused.
     """
     out = Path(out)
-    _prepare_out(out)
+    _prepare_out(out, overwrite)
     num_classes = int(module.hparams.num_classes)
     definition = segmentation_network_definition(module.spec, num_classes)
     if definition is None:
@@ -372,6 +380,11 @@ def export_bundle(module, data: SegmentationData, ckpt_path: str | None, out: st
         (stage / "docs" / "README.md").write_text(_readme(module, data, meta, summary_data, no_script))
         (stage / "LICENSE").write_text(_LICENSE)
         if out.exists():
+            for path in sorted(p for p in out.rglob("*") if p.is_file()):  # the user's files move into the new bundle
+                rel = path.relative_to(out)
+                if rel.as_posix() not in BUNDLE_FILES and not (stage / rel).exists():
+                    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, stage / rel)
             shutil.rmtree(out)
         stage.rename(out)
     finally:
