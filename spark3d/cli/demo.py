@@ -119,7 +119,7 @@ def run_demo(argv: list[str]) -> int:
     if bundle is not None:
         print(f"      exporting the fine-tuned model as a MONAI bundle into {bundle} …", file=sys.stderr)
         code = run_export_bundle([*common, "--ckpt_path", ckpt, "--out", str(bundle),
-                                  "--summary", str(out / "evaluate" / "summary.json")])
+                                  "--summary", str(out / "evaluate" / "summary.json"), "--overwrite", "true"])
         if code:
             return code
         lap("bundle export")
