@@ -85,7 +85,8 @@ def output_error(err: OSError, path: object = None, what: str = "cannot write") 
             _errno.ENOTDIR: "a file is in the way of a folder: remove it or choose another output",
             _errno.EEXIST: "a file is in the way: remove it or choose another output",
             _errno.EISDIR: "a folder is in the way of a file: remove it or choose another output"}.get(code, "")
-    return OutputError(f"{what} {where}: {os.strerror(code)} (errno {code} {name}){'; ' + hint if hint else ''}")
+    where = f"{what} {where}" if where is not None else what
+    return OutputError(f"{where}: {os.strerror(code)} (errno {code} {name}){'; ' + hint if hint else ''}")
 
 
 def find_user_error(err: BaseException | None) -> Spark3dError | None:
