@@ -250,3 +250,35 @@ def test_export_bundle_into_an_existing_bundle_needs_overwrite_and_keeps_the_use
     after = _snapshot(bundle)
     assert after["docs/my_notes.md"] == b"mine" and after["models/model.pt"] != first["models/model.pt"]
     assert set(after) == set(first)
+
+
+def test_signal_stop_saves_at_the_step_and_restores_the_handlers(tmp_path):
+    import pytorch_lightning as pl
+
+    from spark3d.train.interrupt import RunInterrupted, SignalStop
+
+    class Toy(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of step 3
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 2)), batch_size=2)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = SignalStop(tmp_path / "checkpoints")
+    trainer = pl.Trainer(max_steps=6, callbacks=[stop], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RunInterrupted) as info:
+        trainer.fit(Toy())
+    assert info.value.signum == signal.SIGTERM and info.value.step == 3  # the step in flight was finished
+    assert _step(tmp_path / "checkpoints" / "last.ckpt") == 3
+    assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
