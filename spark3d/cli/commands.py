@@ -239,9 +239,9 @@ def run_preprocess(argv: list[str]) -> int:
     counts = write_store(splits, args.out, dm.store_settings(), str(Path(dm.datalist).absolute()), args.shard, progress)
     manifest = "manifest.json" if count == 1 else f"manifest-shard-{index}-of-{count}.json"
     redone = counts["redone"]
-    again = f", {len(redone)} redone: {redone[0]}{' …' if len(redone) > 1 else ''}" if redone else ""
+    again = f"; {len(redone)} redone ({redone[0]}{', …' if len(redone) > 1 else ''})" if redone else ""
     print(f"spark3d preprocess: {counts['volumes']} volumes ({counts['written']} written, {counts['skipped']} already "
-          f"done, checked by sha256{again}) -> {Path(args.out) / manifest}")
+          f"done){again} -> {Path(args.out) / manifest}")
     return 0
 
 
