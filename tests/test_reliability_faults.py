@@ -282,3 +282,16 @@ def test_signal_stop_saves_at_the_step_and_restores_the_handlers(tmp_path):
     assert info.value.signum == signal.SIGTERM and info.value.step == 3  # the step in flight was finished
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == 3
     assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
+
+
+def test_finetuning_from_an_unfinished_encoder_says_so(tmp_path, capsys):
+    from spark3d.checkpoint import write_encoder
+
+    encoder = write_encoder(tmp_path / "encoder.pt", {"w": torch.ones(2)},
+                            {"backbone": "segresnet", "complete": False, "global_step": 16, "total_steps": 60})
+    blocked = tmp_path / "a_file"
+    blocked.write_text("in the way")  # stops the run right after the checks, before anything is built
+    code = main(["finetune", "--config", str(REPO / "configs/finetune/demo_ct.yaml"), "--model.init_args.pretrained",
+                 str(encoder), "--trainer.default_root_dir", str(blocked)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{encoder} is from a pretraining run that did not finish (step 16 of 60)" in err
