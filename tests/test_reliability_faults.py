@@ -224,6 +224,12 @@ def test_a_file_in_the_way_of_an_output_is_one_line_naming_it(phantoms, tmp_path
                      str(phantoms), "--out", str(out), "--no-progress"]) == 2
         err = _errors(capsys.readouterr().err)
         assert len(err) == 1 and code in err[0] and str(in_the_way) in err[0], err
+    for command in ("evaluate", "predict"):  # refused before any work
+        extra = ["--input", str(tmp_path)] if command == "predict" else []
+        assert main([command, "--config", str(REPO / "configs/finetune/demo_ct.yaml"), "--out", str(in_the_way),
+                     *extra]) == 2
+        err = _errors(capsys.readouterr().err)
+        assert len(err) == 1 and "errno 17 EEXIST" in err[0] and str(in_the_way) in err[0], err
     assert in_the_way.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 

@@ -44,6 +44,11 @@ def _inference_cli(prog: str, argv: list[str], extra: dict):
     cli = parse_or_report(SegmentationModule, prog, "Run a fine-tuned checkpoint (the fine-tuning config plus "
                           "--ckpt_path)", argv, "runs/finetune", links=SEGMENTATION_LINKS, extra_arguments=extra)
     if cli is not None:
+        from pathlib import Path
+
+        from .runs import check_output_folder
+
+        check_output_folder(Path(cli.config["out"]), "--out")  # a file in the way, read-only: before any work
         prepare_data(cli)
     return cli
 
