@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .backbones import BackboneSpec, build_network, lookup, plan_probe_size, registered, timm_taps
+from .backbones import (BackboneSpec, build_network, lookup, plan_configuration, plan_probe_size, read_plans, registered,
+                        timm_taps)
 from .sparse import OpTrace, trace_ops
 
 __all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_nnunet", "from_spec", "make_encoder"]
@@ -241,13 +242,14 @@ def from_nnunet(
     ``PlainConvUNet`` (``plainconv``), by name or instance, tapped at ``encoder.stages.0 … N``.
 
     ``plans`` (an ``nnUNet*Plans.json``) and ``configuration`` build instead exactly the network nnU-Net's
-    ``get_network_from_plans`` builds for that plan (backbone ``plan``). ``kwargs`` override a preset
+    ``get_network_from_plans`` builds for that plan (backbone ``plan``; ``spatial_dims`` follows the plan). ``kwargs`` override a preset
     (``features_per_stage``, ``strides``, ``kernel_sizes``, ``patch_size`` + ``spacing``, …; see
     :func:`spark3d.backbones.nnunet_kwargs`). Needs ``pip install 'spark3d[nnunet]'``.
     """
     if plans is not None:
         if kwargs:
             raise ValueError(f"from_nnunet(plans=...): the plan decides the network; {sorted(kwargs)} do not apply")
+        spatial_dims = len(plan_configuration(read_plans(plans), configuration, str(plans))["patch_size"])
         spec = BackboneSpec("plan", "nnunet", spatial_dims, in_channels,
                             {"plans": str(plans), "configuration": configuration})
         return from_spec(spec, probe_size if probe_size is not None else plan_probe_size(plans, configuration))

@@ -19,6 +19,7 @@ nnunetv2 = pytest.importorskip("nnunetv2")  # the dev extra installs it; the han
 from spark3d.checkpoint import write_encoder  # noqa: E402
 from spark3d.cli import main  # noqa: E402
 from spark3d.data import CTPretrainData  # noqa: E402
+from spark3d.data.store import open_store  # noqa: E402
 from spark3d.data.nnunet_prep import PlanPreprocessing, nnunet_raw_datalist, preprocess_case  # noqa: E402
 from spark3d.encoders import from_nnunet  # noqa: E402
 from spark3d.errors import ConfigError  # noqa: E402
@@ -127,6 +128,9 @@ def test_store_of_the_plan_equals_nnunets_preprocessed_arrays(planned, tmp_path)
         exact, _ = preprocess_case(nnunet_raw_datalist(planned["raw"])[int(case[-1])]["image"], plan)
         assert np.array_equal(exact, theirs)  # before the float16 storage: nnU-Net's array exactly
     assert len(shapes) == 3  # the cases were resampled to one spacing from three
+    data = CTPretrainData(datalist=str(planned["raw"]), plans=str(planned["plans"]), spacing=None, intensity_range=None,
+                          roi_size=plan.patch_size)
+    open_store(store).check_agrees(data.store_settings(), None)  # pretraining from the store takes it as the plan's
 
 
 def test_pretrain_export_and_nnunet_fine_tunes_from_it(planned, tmp_path):
@@ -209,3 +213,33 @@ def test_a_plan_that_is_not_ct_normalised_is_refused(planned, tmp_path):
     with pytest.raises(ConfigError, match="normalises channel 0 with ZScoreNormalization") as err:
         CTPretrainData(datalist=str(planned["raw"]), plans=str(path), spacing=None, intensity_range=None)
     assert "\n" not in str(err.value)
+
+
+def test_raw_dataset_folder_gives_every_case_with_its_channels_stacked(tmp_path):
+    import nibabel as nib
+
+    from spark3d.errors import DataError
+
+    folder = tmp_path / "Dataset502_TwoChannel"
+    rng = np.random.default_rng(1)
+    for sub, cases in (("imagesTr", ("a", "b")), ("imagesTs", ("c",))):
+        (folder / sub).mkdir(parents=True)
+        for case in cases:
+            for channel in range(2):
+                volume = rng.normal(100 * channel, 10, (16, 12, 8)).astype(np.float32)
+                nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / sub / f"{case}_{channel:04d}.nii.gz")
+    (folder / "labelsTr").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((16, 12, 8), np.uint8), np.eye(4)), folder / "labelsTr" / "a.nii.gz")
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT", "1": "CT"}, "file_ending": ".nii.gz",
+                                                     "labels": {"background": 0, "x": 1}, "numTraining": 2}))
+    entries = nnunet_raw_datalist(folder)
+    assert [[Path(f).name for f in e["image"]] for e in entries] == [
+        ["a_0000.nii.gz", "a_0001.nii.gz"], ["b_0000.nii.gz", "b_0001.nii.gz"], ["c_0000.nii.gz", "c_0001.nii.gz"]]
+    data = CTPretrainData(datalist=str(folder), roi_size=(8, 8, 8), channels=2, spacing=None, cache="none")
+    train, _ = data.source_files()  # the folder read as the datalist, each channel file checked
+    assert train == entries
+    image = data.preprocess()(train[0])["image"]
+    assert image.shape[0] == 2 and float(image[1].mean()) > float(image[0].mean())  # channel order kept
+    (folder / "imagesTs" / "c_0001.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"case c has no channel file\(s\) c_0001.nii.gz"):
+        nnunet_raw_datalist(folder)

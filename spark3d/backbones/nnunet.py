@@ -115,8 +115,8 @@ def nnunet_kwargs(name: str, spatial_dims: int, in_channels: int, out_channels: 
 def plan_out_channels(plans: str) -> int:
     """The segmentation heads of a plan's dataset: labels of the ``dataset.json`` beside the plans (2 without one)."""
     dataset = plan_dataset_json(plans) or {}
-    labels = dataset.get("labels")
-    if not isinstance(labels, dict) or not labels:
+    labels = {k: v for k, v in (dataset.get("labels") or {}).items() if k != "ignore"}  # nnU-Net's ignore label
+    if not labels:
         return 2
     regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
     return len(labels) - 1 if regions else len(labels)  # regions: one sigmoid head per region, no background

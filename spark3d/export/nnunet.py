@@ -100,8 +100,8 @@ def export_nnunet(encoder: str | Path, plans: str | Path, configuration: str, ou
     in_channels = channels if channels is not None else int(pretrained_channels or 1)
     network = build_plan_network(plans, configuration, in_channels, plan_out_channels(str(plans)), None)
     own = network.state_dict()
-    where = f"{encoder} was pretrained on another network than {Path(plans).name} '{configuration}' " \
-            f"({arch['network_class_name'].rsplit('.', 1)[-1]})"
+    where = f"{encoder} ({meta.get('backbone')}, {meta.get('source')}) was pretrained on another network than " \
+            f"{Path(plans).name} '{configuration}' ({arch['network_class_name'].rsplit('.', 1)[-1]})"
     diff = first_difference({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in own.items()})
     if diff is None and not any(_STAGE.match(k) for k in state):
         diff = f"encoder.pt holds no encoder.stem / encoder.stages tensors (backbone {meta.get('backbone')!r}, " \
