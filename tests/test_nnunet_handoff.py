@@ -67,7 +67,8 @@ def planned(tmp_path_factory):
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     tool = Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"
-    done = subprocess.run([str(tool), "-d", "501", "-pl", "nnUNetPlannerResEncL", "-c", "3d_fullres", "-np", "1"],
+    done = subprocess.run([str(tool), "-d", "501", "-pl", "nnUNetPlannerResEncL", "-c", "3d_fullres", "-np", "1",
+                           "-npfp", "1"],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     plans = root / "preprocessed" / DATASET / "nnUNetResEncUNetLPlans.json"
