@@ -14,15 +14,14 @@ import pytest
 import torch
 import yaml
 
-nnunetv2 = pytest.importorskip("nnunetv2")  # the dev extra installs it; the hand-off is tested against it
-
-from spark3d.checkpoint import write_encoder  # noqa: E402
-from spark3d.cli import main  # noqa: E402
-from spark3d.data import CTPretrainData  # noqa: E402
-from spark3d.data.store import open_store  # noqa: E402
-from spark3d.data.nnunet_prep import PlanPreprocessing, nnunet_raw_datalist, preprocess_case  # noqa: E402
-from spark3d.encoders import from_nnunet  # noqa: E402
-from spark3d.errors import ConfigError  # noqa: E402
+import nnunetv2  # noqa: F401  (the dev extra installs it: the hand-off is tested against nnU-Net itself, never skipped)
+from spark3d.checkpoint import write_encoder
+from spark3d.cli import main
+from spark3d.data import CTPretrainData
+from spark3d.data.store import open_store
+from spark3d.data.nnunet_prep import PlanPreprocessing, nnunet_raw_datalist, preprocess_case
+from spark3d.encoders import from_nnunet
+from spark3d.errors import ConfigError
 
 CONFIG = Path(__file__).parents[1] / "configs" / "pretrain" / "nnunet_plan.yaml"
 DATASET = "Dataset501_Handoff"
@@ -76,8 +75,11 @@ def planned(tmp_path_factory):
     content["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"].update(SMALL)  # small through the plan
     plans.write_text(json.dumps(content, indent=1))
     yield {"root": root, "raw": raw, "plans": plans, "content": content}
-    for k, v in before.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    for k, v in before.items():  # the environment as it was
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _nnunet_case(planned, case: str) -> tuple[np.ndarray, np.ndarray]:
