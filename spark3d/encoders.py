@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .backbones import BackboneSpec, build_network, lookup, registered, timm_taps
+from .backbones import (BackboneSpec, build_network, lookup, plan_configuration, plan_probe_size, read_plans, registered,
+                        timm_taps)
 from .sparse import OpTrace, trace_ops
 
 __all__ = ["HierarchicalEncoder", "from_timm", "from_monai", "from_nnunet", "from_spec", "make_encoder"]
@@ -232,15 +233,27 @@ def from_nnunet(
     name_or_network: str | nn.Module = "resenc_l",
     spatial_dims: int = 3,
     in_channels: int = 1,
-    probe_size: int | Sequence[int] = 64,
+    probe_size: int | Sequence[int] | None = None,
+    plans: str | None = None,
+    configuration: str = "3d_fullres",
     **kwargs: Any,
 ) -> HierarchicalEncoder:
     """Encoder over nnU-Net's ``ResidualEncoderUNet`` (``resenc_m``, ``resenc_l``, ``resenc_xl``) or
     ``PlainConvUNet`` (``plainconv``), by name or instance, tapped at ``encoder.stages.0 … N``.
 
-    ``kwargs`` override the preset (``features_per_stage``, ``strides``, ``kernel_sizes``, ``patch_size`` +
-    ``spacing``, …; see :func:`spark3d.backbones.nnunet_kwargs`). Needs ``pip install 'spark3d[nnunet]'``.
+    ``plans`` (an ``nnUNet*Plans.json``) and ``configuration`` build instead exactly the network nnU-Net's
+    ``get_network_from_plans`` builds for that plan (backbone ``plan``; ``spatial_dims`` follows the plan). ``kwargs`` override a preset
+    (``features_per_stage``, ``strides``, ``kernel_sizes``, ``patch_size`` + ``spacing``, …; see
+    :func:`spark3d.backbones.nnunet_kwargs`). Needs ``pip install 'spark3d[nnunet]'``.
     """
+    if plans is not None:
+        if kwargs:
+            raise ValueError(f"from_nnunet(plans=...): the plan decides the network; {sorted(kwargs)} do not apply")
+        spatial_dims = len(plan_configuration(read_plans(plans), configuration, str(plans))["patch_size"])
+        spec = BackboneSpec("plan", "nnunet", spatial_dims, in_channels,
+                            {"plans": str(plans), "configuration": configuration})
+        return from_spec(spec, probe_size if probe_size is not None else plan_probe_size(plans, configuration))
+    probe_size = 64 if probe_size is None else probe_size
     if isinstance(name_or_network, str):
         lookup("nnunet", name_or_network.lower())
         spec = BackboneSpec(name_or_network.lower(), "nnunet", spatial_dims, in_channels, dict(kwargs))

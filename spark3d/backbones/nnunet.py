@@ -12,6 +12,9 @@ the GPU memory target (8, 24, 40 GB) they fill with larger patches; for isotropi
 up all three give the 6-stage network nnssl pretrains as ResEnc-L (strides 1, 2, 2, 2, 2, 2), which is
 the default topology here. ``patch_size`` and ``spacing`` derive nnU-Net's topology instead (anisotropic
 strides and kernels where the spacing is), and ``strides`` / ``kernel_sizes`` set it by hand.
+
+The name ``plan`` (or any name given ``backbone_kwargs: {plans: PLANS.json, configuration: 3d_fullres}``) builds
+the network of an nnU-Net plan exactly as nnU-Net's ``get_network_from_plans`` does (``nnunet_plans``).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..errors import ConfigError
+from .nnunet_plans import PLAN_KEYS, build_plan_network, plan_dataset_json
 from .registry import Backbone, Example, register
 
-__all__ = ["RESENC_PRESETS", "nnunet_topology", "nnunet_kwargs"]
+__all__ = ["RESENC_PRESETS", "nnunet_topology", "nnunet_kwargs", "plan_out_channels"]
 
 RESENC_PRESETS = {"resenc_m": 8, "resenc_l": 24, "resenc_xl": 40}  # name -> nnU-Net planner's GPU memory target (GB)
 RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)  # nnU-Net ResEnc planners: residual blocks per encoder stage
@@ -108,8 +112,36 @@ def nnunet_kwargs(name: str, spatial_dims: int, in_channels: int, out_channels: 
     return args
 
 
-def _build(name: str, spatial_dims: int, in_channels: int, out_channels: int = 2, **kw: Any) -> nn.Module:
-    """``ResidualEncoderUNet`` or ``PlainConvUNet`` with nnU-Net's He initialisation (random weights)."""
+def plan_out_channels(plans: str) -> int:
+    """The segmentation heads of a plan's dataset: labels of the ``dataset.json`` beside the plans (2 without one)."""
+    dataset = plan_dataset_json(plans) or {}
+    labels = {k: v for k, v in (dataset.get("labels") or {}).items() if k != "ignore"}  # nnU-Net's ignore label
+    if not labels:
+        return 2
+    regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
+    return len(labels) - 1 if regions else len(labels)  # regions: one sigmoid head per region, no background
+
+
+def _build_from_plan(name: str, spatial_dims: int, in_channels: int, out_channels: int | None, kw: dict) -> nn.Module:
+    """The network of ``kw["plans"]`` / ``kw["configuration"]``; other keys would silently not apply, so they are refused."""
+    plans, configuration = kw.pop("plans"), kw.pop("configuration", "3d_fullres")
+    extra = sorted(set(kw) - {"deep_supervision"})
+    if extra:
+        raise ConfigError(f"backbone_kwargs {extra} do not apply: the plan {plans} decides the network (keep only "
+                          f"{list(PLAN_KEYS)})")
+    if name not in ("plan", *RESENC_PRESETS, "plainconv"):
+        raise ConfigError(f"backbone '{name}' with backbone_kwargs.plans: use backbone 'plan'")
+    heads = plan_out_channels(plans) if out_channels is None else out_channels
+    return build_plan_network(plans, configuration, in_channels, heads, kw.get("deep_supervision", False), spatial_dims)
+
+
+def _build(name: str, spatial_dims: int, in_channels: int, out_channels: int | None = None, **kw: Any) -> nn.Module:
+    """``ResidualEncoderUNet`` or ``PlainConvUNet`` with nnU-Net's He initialisation (random weights), or a plan's network."""
+    if "plans" in kw or name == "plan":
+        if "plans" not in kw:
+            raise ConfigError("backbone 'plan' needs backbone_kwargs.plans (an nnU-Net plans JSON) and .configuration")
+        return _build_from_plan(name, spatial_dims, in_channels, out_channels, dict(kw))
+    out_channels = 2 if out_channels is None else out_channels
     try:
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
     except ImportError:
@@ -140,7 +172,7 @@ def _installed() -> bool:
 
 _SMALL = {"features_per_stage": [4, 8, 8, 16], "n_blocks_per_stage": [1, 1, 2, 2]}
 register(Backbone(
-    family="nnunet", source="nnunet", names=(*RESENC_PRESETS, "plainconv"), spatial_dims=(2, 3), build=_build,
+    family="nnunet", source="nnunet", names=(*RESENC_PRESETS, "plainconv", "plan"), spatial_dims=(2, 3), build=_build,
     taps=_taps, segmentation=_build, seg_encoder_modules=("encoder",), recognises=_recognises,
     # examples only where the optional package is installed (the tests parameterise over them)
     examples=(Example("nnunet-resenc-3d-aniso", "resenc_l", 3, 1, (32, 32, 16),

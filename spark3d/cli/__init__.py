@@ -7,8 +7,8 @@ from typing import Callable
 
 from ..errors import find_os_error, find_user_error, output_error
 from .commands import (
-    run_benchmark, run_check_backbone, run_evaluate, run_export_bundle, run_finetune, run_predict, run_preprocess,
-    run_pretrain,
+    run_benchmark, run_check_backbone, run_evaluate, run_export_bundle, run_export_nnunet, run_finetune, run_predict,
+    run_preprocess, run_pretrain,
 )
 from .demo import run_demo
 
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "evaluate": (run_evaluate, "per-case, per-organ Dice at the original resolution → CSV + JSON"),
     "predict": (run_predict, "label NIfTI in each input's space + overlay PNG"),
     "export-bundle": (run_export_bundle, "a MONAI bundle of a fine-tuned checkpoint that runs without spark3d"),
+    "export-nnunet": (run_export_nnunet, "an nnU-Net weights file: a plan's whole network with a pretrained encoder.pt"),
     "check-backbone": (run_check_backbone, "tell whether a network is safe for sparse masking"),
     "preprocess": (run_preprocess, "write the CT store of a pretraining config (resumable, --shard i/n, --merge)"),
     "benchmark": (run_benchmark, "step time, peak memory, FLOPs by part: dense / masked-dense / sparse (--json)"),

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-__all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_export_bundle", "run_check_backbone",
-           "run_preprocess", "run_benchmark"]
+__all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_export_bundle", "run_export_nnunet",
+           "run_check_backbone", "run_preprocess", "run_benchmark"]
 
 
 def run_pretrain(argv: list[str]) -> int:
@@ -97,6 +97,31 @@ def run_export_bundle(argv: list[str]) -> int:
     print(out)
     print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
           "--dataset_dir IMAGES --output_dir LABELS", file=sys.stderr)
+    return 0
+
+
+def run_export_nnunet(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spark3d export-nnunet",
+        description="The whole network of an nnU-Net plan with a pretrained encoder.pt's encoder and stem (nnU-Net's "
+        "own initialisation elsewhere), as {network_weights, nnssl_adaptation_plan}: fine-tune it with nnUNetv2_train "
+        "... -pretrained_weights FILE. Example: spark3d export-nnunet --encoder runs/plan/encoder.pt --plans "
+        "$nnUNet_preprocessed/Dataset501_X/nnUNetResEncUNetLPlans.json --configuration 3d_fullres --out pretrained.pth",
+    )
+    parser.add_argument("--encoder", required=True, help="encoder.pt written by spark3d pretrain")
+    parser.add_argument("--plans", required=True, help="the target dataset's nnU-Net plans JSON")
+    parser.add_argument("--configuration", default="3d_fullres", help="the plan's configuration (default 3d_fullres)")
+    parser.add_argument("--out", required=True, help="the weights file to write (e.g. pretrained.pth)")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from ..export import export_nnunet
+
+    out = export_nnunet(args.encoder, args.plans, args.configuration, args.out)
+    print(out)
+    plans = Path(args.plans)
+    print(f"fine-tune it: nnUNetv2_train {plans.parent.name} {args.configuration} FOLD -p {plans.stem} "
+          f"-pretrained_weights {out}", file=sys.stderr)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -11,7 +12,8 @@ from monai import transforms as mt
 
 from .contract import Spark3dDataModule
 from .caching import cached_dataset, shard_for_rank
-from .datalist import CHECKS, DataError, check_volume, folder_datalist, load_datalist
+from .datalist import CHECKS, DataError, check_entry, folder_entries, load_datalist
+from .nnunet_prep import PlanPreprocessd, PlanPreprocessing
 from .sampling import eval_loader
 from .store import StoreSettings, open_store
 from .store_dataset import StoreCropDataset
@@ -26,8 +28,9 @@ class CTPretrainData(Spark3dDataModule):
     from a preprocessed CT store (``store``), each rank reading its own shard with its own random stream.
 
     Args:
-        datalist: a decathlon-style JSON (``training`` list; ``validation`` used when present) or a
-            folder of ``.nii/.nii.gz`` files. Relative paths resolve against the JSON's folder.
+        datalist: a decathlon-style JSON (``training`` list; ``validation`` used when present), a folder of
+            ``.nii/.nii.gz`` files, or an nnU-Net raw dataset folder (``dataset.json``, ``imagesTr``, ``imagesTs``:
+            every case, channel files stacked, labels ignored). Relative paths resolve against the JSON's folder.
         roi_size: size of the random crops fed to the network.
         num_samples: crops per volume per step (MONAI flattens them into the batch).
         batch_size: volumes per batch (each gives ``num_samples`` crops).
@@ -46,6 +49,12 @@ class CTPretrainData(Spark3dDataModule):
             still checked when training reads them).
         verify_store: with a store, compare every volume's sha256 with its record before training (a full read
             of the store; without it each volume's size and header are checked).
+        plans: an nnU-Net plans JSON: crops follow its ``configuration`` as nnU-Net will show the data when
+            fine-tuning (SimpleITK axes + ``transpose_forward``, the configuration's ``spacing``, CTNormalization
+            with the plan's foreground statistics; ``spark3d.data.nnunet_prep``). ``spacing`` and
+            ``intensity_range`` must then be null (the plan decides them); a plan whose normalisation is not CT is
+            refused.
+        configuration: the plan's configuration (``3d_fullres``).
     """
 
     def __init__(
@@ -67,8 +76,20 @@ class CTPretrainData(Spark3dDataModule):
         store: str | None = None,
         check: Literal["full", "header"] = "full",
         verify_store: bool = False,
+        plans: str | None = None,
+        configuration: str = "3d_fullres",
     ) -> None:
         super().__init__()
+        self.plan = None if plans is None else PlanPreprocessing.from_plans(plans, configuration)
+        if self.plan is not None:
+            given = [k for k, v in (("spacing", spacing), ("intensity_range", intensity_range)) if v is not None]
+            if given:
+                raise DataError(f"data.init_args.{given[0]} is set, but data.init_args.plans decides it (spacing "
+                                f"{list(self.plan.spacing)}, {self.plan.normalization_schemes[0]}): set "
+                                f"{' and '.join(given)} to null")
+            if tuple(int(s) for s in roi_size) != self.plan.patch_size:
+                print(f"spark3d: data.roi_size {list(roi_size)} differs from the plan's patch_size "
+                      f"{list(self.plan.patch_size)}: crops follow roi_size", file=sys.stderr)
         if datalist is None and store is None:
             raise DataError("data.datalist or data.store must be given")
         if check not in CHECKS:
@@ -83,7 +104,7 @@ class CTPretrainData(Spark3dDataModule):
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
-        self.intensity_range = tuple(float(v) for v in intensity_range)
+        self.intensity_range = None if intensity_range is None else tuple(float(v) for v in intensity_range)
         self.cache = cache
         self.cache_dir = cache_dir
         self.num_workers = int(num_workers)
@@ -104,6 +125,10 @@ class CTPretrainData(Spark3dDataModule):
 
     def metadata(self) -> dict[str, Any]:
         """What a downstream user must know to feed the pretrained encoder the same way."""
+        if self.plan is not None:
+            return {"spacing": self.plan.spacing, "intensity_range": None, "roi_size": self.roi_size,
+                    "orientation": self.plan.axes(), "normalization": list(self.plan.normalization_schemes),
+                    "nnunet_plan": self.plan.as_dict()}
         return {"spacing": self.spacing, "intensity_range": self.intensity_range, "roi_size": self.roi_size,
                 "orientation": "RAS"}
 
@@ -131,12 +156,12 @@ class CTPretrainData(Spark3dDataModule):
             raise DataError("data.datalist is not set")
         source = Path(self.datalist)
         if source.is_dir():
-            train, val = folder_datalist(source), []
+            train, val = folder_entries(source), []
         else:
             train = load_datalist(source, self.train_key)
             val = load_datalist(source, self.val_key, required=False) if self.val_key else []
         for entry in train + val:
-            check_volume(entry["image"], spatial_dims=3, channels=self.expected_channels, full=self.check == "full")
+            check_entry(entry["image"], spatial_dims=3, channels=self.expected_channels, full=self.check == "full")
         return train, val
 
     @property
@@ -146,10 +171,17 @@ class CTPretrainData(Spark3dDataModule):
 
     def store_settings(self) -> StoreSettings:
         """The preprocessing settings a store for this data module is made with (and must have)."""
+        if self.plan is not None:
+            return StoreSettings(self.plan.spacing, None, self.expected_channels, orientation=self.plan.axes(),
+                                 plan=self.plan.as_dict())
         return StoreSettings(self.spacing, self.intensity_range, self.expected_channels)
 
     # ------------------------------------------------------------------------------ datasets
     def preprocess(self) -> mt.Compose:
+        """The deterministic part (cached): the plan's preprocessing when there is one, else ``ct_preprocess``."""
+        if self.plan is not None:
+            return mt.Compose([PlanPreprocessd(self.plan), mt.SpatialPadd("image", spatial_size=self.roi_size),
+                               mt.EnsureTyped("image", track_meta=False)])
         return ct_preprocess(("image",), self.spacing, self.intensity_range, self.roi_size, channels=self.expected_channels)
 
     def jitter(self) -> list[mt.MapTransform]:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ..errors import DataError
 
-__all__ = ["DataError", "load_datalist", "folder_datalist", "check_volume", "check_values", "CHECKS", "NIFTI_SUFFIXES"]
+__all__ = ["DataError", "load_datalist", "folder_datalist", "folder_entries", "check_entry", "check_volume", "check_values", "CHECKS", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CHECKS = ("full", "header")  # what the up-front check reads: every voxel, or the header only
@@ -68,6 +68,26 @@ def folder_datalist(folder: str | Path) -> list[dict]:
     if not files:
         raise DataError(f"data folder {folder} holds no .nii or .nii.gz files")
     return [{"image": str(p)} for p in files]
+
+
+def folder_entries(folder: str | Path) -> list[dict]:
+    """A folder as a datalist: an nnU-Net raw dataset (``dataset.json`` with ``channel_names``, ``imagesTr``,
+    ``imagesTs``) gives every case with its channel files stacked (labels ignored), any other folder every
+    NIfTI file below it."""
+    from .nnunet_prep import is_nnunet_raw, nnunet_raw_datalist
+
+    return nnunet_raw_datalist(folder) if is_nnunet_raw(folder) else folder_datalist(folder)
+
+
+def check_entry(image: str | list[str], spatial_dims: int = 3, channels: int | None = None, full: bool = False) -> None:
+    """:func:`check_volume` for a datalist ``image``: one file, or a list of one-channel files stacked as channels."""
+    if not isinstance(image, (list, tuple)):
+        check_volume(image, spatial_dims, channels, full)
+        return
+    if channels is not None and len(image) != channels:
+        raise DataError(f"{image[0]}: {len(image)} channel file(s); the network takes {channels}")
+    for file in image:
+        check_volume(file, spatial_dims, 1, full)
 
 
 def check_values(x, name: str | Path, constant_ok: bool = False) -> None:

@@ -51,6 +51,7 @@ class StoreSettings:
     orientation: str = "RAS"
     crop_foreground: bool = True
     dtype: str = "float16"
+    plan: dict[str, Any] | None = None  # an nnU-Net plan's preprocessing (nnunet_prep.PlanPreprocessing.as_dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists)."""
@@ -61,7 +62,7 @@ class StoreSettings:
         """Inverse of :meth:`as_dict`."""
         tup = (lambda v: None if v is None else tuple(float(x) for x in v))
         return cls(tup(d["spacing"]), tup(d["intensity_range"]), int(d["channels"]), int(d["spatial_dims"]),
-                   str(d["orientation"]), bool(d["crop_foreground"]), str(d["dtype"]))
+                   str(d["orientation"]), bool(d["crop_foreground"]), str(d["dtype"]), d.get("plan"))
 
     def differences(self, other: "StoreSettings") -> list[str]:
         """``key: self vs other`` for every setting that differs (floats compared to 1e-6)."""
@@ -113,9 +114,9 @@ def check_preprocessed_volume(array: np.ndarray, name: str, spatial_dims: int = 
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def volume_id(source: str | Path) -> str:
-    """A stable file name for a source volume: its stem plus a hash of its absolute path (names may repeat)."""
-    path = Path(source).absolute()
+def volume_id(source: str | Path | list) -> str:
+    """A stable file name for a source volume (a file or a one-file list): its stem + a hash of its absolute path."""
+    path = Path(source[0] if isinstance(source, (list, tuple)) else source).absolute()
     stem = path.name
     for suffix in (".nii.gz", ".nii", ".gz"):
         if stem.endswith(suffix):
@@ -157,9 +158,16 @@ def _json_bytes(obj: dict[str, Any]) -> bytes:
 
 
 def preprocess_volume(source: str, settings: StoreSettings) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """``ct_preprocess`` (load, RAS, resample, window, crop to foreground) of one file, checked; returns
-    ``(array in the store dtype, affine 4×4 of the result, its voxel spacing)``."""
+    """``ct_preprocess`` (load, RAS, resample, window, crop to foreground) of one file, or the nnU-Net plan's
+    (``settings.plan``: nnU-Net's axes, affine = the spacing's diagonal), checked; returns ``(array in the store
+    dtype, affine 4×4 of the result, its voxel spacing)``."""
+    from .nnunet_prep import PlanPreprocessing, preprocess_case
     from .transforms import ct_preprocess
+
+    if settings.plan is not None:
+        array, spacing = preprocess_case([source], PlanPreprocessing.from_dict(settings.plan))
+        check_preprocessed_volume(array := array.astype(settings.dtype), source, settings.spatial_dims, settings.channels)
+        return array, np.diag([*spacing, 1.0]), tuple(spacing)
 
     chain = ct_preprocess(("image",), settings.spacing, settings.intensity_range, roi_size=None,
                           crop_foreground=settings.crop_foreground, track_meta=True)
@@ -222,6 +230,10 @@ def _unique_sources(splits: dict[str, list[str]]) -> list[str]:
     seen: dict[str, None] = {}
     for name in SPLITS:
         for source in splits.get(name, []):
+            if isinstance(source, (list, tuple)) and len(source) != 1:  # an nnU-Net case: its channel files
+                raise DataError(f"{source[0]}: a CT store holds one file per volume; pretrain multi-channel cases "
+                                "without a store")
+            source = source[0] if isinstance(source, (list, tuple)) else source
             seen.setdefault(str(Path(source).absolute()), None)
     return list(seen)
 
