@@ -67,7 +67,7 @@ def versions() -> dict[str, str | None]:
 
 
 def _git(root: Path) -> dict[str, Any]:
-    """The commit of the source tree and whether it had uncommitted changes (empty outside a git clone)."""
+    """The commit of the source tree and the tracked files changed since (when written; empty outside a git clone)."""
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
@@ -75,7 +75,8 @@ def _git(root: Path) -> dict[str, Any]:
             return {}
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+        modified = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+        return {"commit": commit.stdout.strip(), "dirty": bool(modified), "modified": modified[:50]}
     except (OSError, subprocess.SubprocessError):
         return {}
 
