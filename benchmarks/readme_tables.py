@@ -77,7 +77,7 @@ def source(path: Path, payload: dict[str, Any]) -> str:
     mach, ver = prov.get("machine", {}), prov.get("versions", {})
     load = mach.get("load_average")
     return (f"`{rel}`: `{prov.get('command', '?')}` on {mach.get('cpu_model', mach.get('processor', '?'))}, "
-            f"{mach.get('cores_available', mach.get('cpu_count', '?'))} cores, {mach.get('threads', '?')} torch threads"
+            f"{mach.get('cores_available', mach.get('cpu_count', '?'))} cores, torch threads {mach.get('threads', '?')}"
             f"{f', load {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)' if load else ''}; "
             f"torch {ver.get('torch', mach.get('torch', '?'))}, MONAI {ver.get('monai', '?')}, timm {ver.get('timm', '?')}, "
             f"Lightning {ver.get('pytorch-lightning', '?')}; {prov.get('date', '?')}, "
