@@ -64,3 +64,23 @@ def test_sd_is_the_sample_sd_and_crop_rates_are_not_copied_between_columns(tmp_p
 def test_an_unknown_block_is_refused():
     with pytest.raises(SystemExit, match="unknown table block"):
         tables.rewrite("<!-- table:nonsense -->\n<!-- /table -->\n")
+
+
+def test_the_demo_writes_demo_json_that_renders_the_dice_line(tmp_path):
+    import argparse
+    import time
+
+    from spark3d.cli.demo import _write_demo_json
+
+    per_organ = {"spleen": {"mean": 0.91}, "liver": {"mean": 0.96}, "pancreas": {"mean": 0.79},
+                 "left adrenal gland": {"mean": 0.70}, "esophagus": {"mean": None}}
+    summary = {"mean_dice": 0.84, "per_organ": per_organ}
+    args = argparse.Namespace(method="spark", out=str(tmp_path), epochs=None, finetune_epochs=None, max_steps=None)
+    _write_demo_json(tmp_path / "demo.json", args, ["--out", str(tmp_path)], summary,
+                     {"pretraining": 150.0, "fine-tuning": 210.0}, [1.0, 0.5], time.time() - 400)
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert demo["per_organ_dice"] == {o: v["mean"] for o, v in per_organ.items()}
+    assert demo["provenance"]["command"] == f"spark3d demo --out {tmp_path}" and demo["total_s"] >= 400
+    line = tables.render_demo(tmp_path)
+    assert "mean Dice 0.840 over the 5 organs" in line and "every organ ≥ 0.70" in line
+    assert "left adrenal gland 0.70, pancreas 0.79, spleen 0.91" in line and "highest: liver 0.96" in line
