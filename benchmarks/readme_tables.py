@@ -72,6 +72,8 @@ def source(path: Path, payload: dict[str, Any]) -> str:
     """One line naming the file, its command, the machine, the load and the date (from its provenance block)."""
     rel = shown(path)
     prov = payload.get("provenance")
+    if not prov and "machine" in payload:  # a report written without the provenance block: its own machine only
+        prov = {"machine": payload["machine"], "command": "not recorded", "date": "date not recorded"}
     if not prov:
         return f"`{rel}` (written before result files recorded their machine; no provenance block)"
     mach, ver = prov.get("machine", {}), prov.get("versions", {})
