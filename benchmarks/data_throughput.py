@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,7 +137,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5, help="time per method per round (1 process)")
     parser.add_argument("--blosc2", action="store_true", help="also measure blosc2 b2nd arrays (needs blosc2)")
     parser.add_argument("--jitter", action="store_true", help="also measure the store with intensity jitter")
+    parser.add_argument("--json", default=None, help="write every figure (and the machine, versions, command) here")
     args = parser.parse_args()
+    started = time.time()
     torch.set_num_threads(1)
     roi, spacing, k = (args.roi,) * 3, tuple(args.spacing), args.num_samples
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,6 +216,18 @@ def main() -> None:
     print("\n| on disk | MB | × raw NIfTI |\n|---|---|---|")
     for name, size in sizes.items():
         print(f"| {name} | {size / 1e6:.1f} | {size / raw_bytes:.2f} |")
+    if args.json:
+        from spark3d.provenance import write_result
+
+        sources = {name: {"crops_per_s": values, "crops_per_cpu_s": cpu_rates[name],
+                          "x_uncached": [v / u for v, u in zip(values, uncached)],
+                          "workers_crops_per_s": workers.get(name), "setup_s": build_s.get(name)}
+                   for name, values in rates.items()}
+        extra = {name: rate for name, rate in workers.items() if name not in rates}
+        write_result(args.json, {"settings": {k: v for k, v in vars(args).items() if k != "json"},
+                                 "preprocess_s_per_volume": preprocess_s, "sources": sources,
+                                 "workers_only": extra, "bytes_on_disk": sizes},
+                     ["python", "benchmarks/data_throughput.py", *sys.argv[1:]], started)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ scratch, the same step budget and seeds for both, several seeds per point; mean 
     python benchmarks/label_efficiency.py --n 1 2 4 8 --seeds 0 1 2 --steps 150 --out docs/label_efficiency
 
 writes OUT.csv (one row per labelled-set size, initialisation and seed: mean Dice and Dice per organ),
-OUT.png (mean Dice vs labelled volumes, mean ± std over seeds) and OUT_organs.png (per-organ heat map).
+OUT.png (mean Dice vs labelled volumes, mean ± sample sd (ddof 1) over seeds) and OUT_organs.png (per-organ heat map).
 Without --encoder/--datalist it writes its own phantoms (max(N) training, 4 validation) and pretrains with the
 demo config first. Runs already finished in --work are reused, so an interrupted study resumes.
 """
@@ -69,6 +69,11 @@ def finetune_and_evaluate(work: Path, datalist: str, encoder: str, n: int, init:
     return json.loads(summary.read_text())
 
 
+def sample_sd(values: list[float]) -> float:
+    """Sample standard deviation (ddof 1) over seeds; NaN for a single seed (no spread to estimate)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
 def write_csv(path: Path, rows: list[dict], organs: list[str]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -79,7 +84,7 @@ def write_csv(path: Path, rows: list[dict], organs: list[str]) -> None:
 
 
 def plot(rows: list[dict], organs: list[str], out: Path, budget: str) -> tuple[Path, Path]:
-    """Mean Dice vs labelled volumes (mean ± std over seeds, each seed a dot) and the per-organ heat map."""
+    """Mean Dice vs labelled volumes (mean ± sample sd over seeds, each seed a dot) and the per-organ heat map."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +97,7 @@ def plot(rows: list[dict], organs: list[str], out: Path, budget: str) -> tuple[P
     for k, init in enumerate(INITS):
         per_n = [[r["mean_dice"] for r in rows if r["n"] == n and r["init"] == init] for n in ns]
         mean = [np.mean(v) for v in per_n]
-        std = [np.std(v) for v in per_n]
+        std = [sample_sd(v) for v in per_n]
         shift = (k - 0.5) * 0.06  # side by side on the log axis
         xs = [n * (1 + shift) for n in ns]
         ax.errorbar(xs, mean, yerr=std, marker="o", capsize=4, color=colours[init], label=labels[init], lw=2)
@@ -177,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{pretrain_budget if args.encoder is None else 'encoder ' + Path(args.encoder).name}")
     curve, heat = plot(rows, organs, out, budget)
 
-    print(f"\nlabel efficiency ({budget}; mean Dice of {len(organs)} organs, mean ± std over {len(args.seeds)} seeds)")
+    print(f"\nlabel efficiency ({budget}; mean Dice of {len(organs)} organs, "
+          f"mean ± sample sd (ddof 1) over {len(args.seeds)} seeds)")
     print(f"{'labelled volumes':>16} | {'from scratch':>14} | {'SparK-pretrained':>16}")
     for n in args.n:
         cells = []
         for init in INITS:
             v = [r["mean_dice"] for r in rows if r["n"] == n and r["init"] == init]
-            cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}")
+            cells.append(f"{np.mean(v):.3f} ± {sample_sd(v):.3f}")
         print(f"{n:>16} | {cells[0]:>14} | {cells[1]:>16}")
     print(f"\n{out.with_suffix('.csv')}\n{curve}\n{heat}")
     return 0

@@ -7,12 +7,12 @@ For each seed, the same encoder (the demo's SegResNet) is pretrained with the sa
   (all training volumes, fixed steps);
 - a **label-efficiency fine-tune**: the whole network fine-tuned on ``--n-labelled`` volumes (fixed steps).
 
-Mean validation Dice (13 organs) per seed, then mean ± sd over seeds. Every run is a normal
+Mean validation Dice (13 organs) per seed, then mean ± sample sd (ddof 1) over seeds. Every run is a normal
 ``spark3d pretrain`` / ``finetune`` / ``evaluate`` run in ``--work``; finished runs are reused, so an
 interrupted study resumes.
 
     python benchmarks/probe.py --work runs/probe --seeds 0 1 2 --pretrain-steps 160 --probe-steps 80 \
-        --finetune-steps 80 --json runs/probe/probe.json
+        --finetune-steps 80 --json docs/results/probe.json
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+import time
 from pathlib import Path
 
 from spark3d.cli.commands import run_evaluate, run_finetune, run_pretrain
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--json", default=None, help="write the per-seed results and the table here")
     args = parser.parse_args()
+    started = time.time()
     work = Path(args.work)
     datalist = work / "data" / "dataset.json"
     if not datalist.is_file():
@@ -96,7 +99,10 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "table": table}, indent=2))
+        from spark3d.provenance import write_result
+
+        write_result(args.json, {"args": vars(args), "results": results, "table": table},
+                     ["python", "benchmarks/probe.py", *sys.argv[1:]], started)
 
 
 if __name__ == "__main__":

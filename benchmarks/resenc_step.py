@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (after one warm-up each)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write every time (and the machine, versions, command) here")
     args = parser.parse_args()
+    started = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -63,6 +66,7 @@ def main() -> None:
     for r in range(args.repeats):
         for name in order if r % 2 == 0 else order[::-1]:
             times[name].append(timed_step(models[name][0], x, masks[name]))
+    figures: dict = {"size": args.size, "batch": args.batch, "repeats": args.repeats, "models": {}}
     print(f"SparK step (forward + backward), input {args.size}³, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{args.repeats} interleaved repeats")
     for name, (model, cfg) in models.items():
@@ -72,8 +76,15 @@ def main() -> None:
         print(f"  {name:<10} median {statistics.median(times[name]):7.2f} s  (all: "
               f"{', '.join(f'{t:.2f}' for t in times[name])})  encoder {params:.1f} M params, "
               f"mask ratio {cfg['mask_ratio']}, grid {model.mask_grid}")
+        figures["models"][name] = {"times_s": times[name], "encoder_mparams": params, "mask_ratio": cfg["mask_ratio"],
+                                   "mask_grid": list(model.mask_grid)}
     ratio = statistics.median(times["resenc_l"]) / statistics.median(times["segresnet"])
     print(f"  ratio resenc_l / segresnet: {ratio:.2f}")
+    if args.json:
+        from spark3d.provenance import write_result
+
+        write_result(args.json, {**figures, "ratio": ratio}, ["python", "benchmarks/resenc_step.py", *sys.argv[1:]],
+                     started)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import torch
 from .backbones import BackboneSpec
 from .errors import ConfigError
 from .methods import MaskedModelingMethod, build_method
+from .provenance import machine
 
 __all__ = ["BenchmarkSpec", "ModeResult", "build", "measure", "format_table", "machine"]
 
@@ -126,21 +126,6 @@ def build(spec: BenchmarkSpec) -> tuple[MaskedModelingMethod, int, tuple[int, ..
 def _per_axis(size: Sequence[int], dims: int) -> list[int]:
     """One value per axis: a single value is repeated for every axis."""
     return list(size) * dims if len(size) == 1 else list(size)
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers were taken: device, threads, versions."""
-    info = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        load = os.getloadavg()
-        info["load_average"] = [round(v, 2) for v in load]
-    except OSError:
-        pass
-    return info
 
 
 # ------------------------------------------------------------------------------------ one step

@@ -39,26 +39,47 @@ for argv in json.loads(sys.argv[1]):
 assert not [m for m in sys.modules if m.split(".")[0] == "spark3d"]
 """
 
-# The mandatory keys of a bundle's metadata.json (MONAI Bundle Specification), as a JSON schema written here so
-# that `verify_metadata` finds it at --filepath and does not download the model-zoo schema.
-_TENSOR = {"type": "object", "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range",
-                                          "is_patch_data", "channel_def"],
-           "properties": {"num_channels": {"type": "integer"}, "spatial_shape": {"type": "array"},
-                          "channel_def": {"type": "object"}}}
-_SCHEMA = {
-    "$schema": "http://json-schema.org/draft-07/schema#",
-    "type": "object",
-    "required": ["version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
-                 "description", "authors", "copyright", "network_data_format"],
-    "properties": {
-        "version": {"type": "string"},
-        "network_data_format": {
-            "type": "object", "required": ["inputs", "outputs"],
-            "properties": {"inputs": {"type": "object", "required": ["image"], "properties": {"image": _TENSOR}},
-                           "outputs": {"type": "object", "required": ["pred"], "properties": {"pred": _TENSOR}}},
-        },
-    },
-}
+# What the MONAI Bundle Specification (docs.monai.io/en/latest/mb_specification.html, "metadata.json File") makes
+# mandatory, written from its text: the keys of metadata.json, and the keys every tensor format specifier of
+# network_data_format's inputs and outputs must hold at least. The spec's `optional_packages_version` is what MONAI
+# itself now calls `required_packages_version` (monai.bundle.utils.DEPRECATED_ID_MAPPING): either name counts.
+REQUIRED_METADATA = ["version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version",
+                     "task", "description", "authors", "copyright", "network_data_format"]
+REQUIRED_TENSOR = ["type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
+                   "is_patch_data", "channel_def"]
+
+
+def metadata_schema() -> dict:
+    """A JSON schema of the specification's mandatory fields (for `verify_metadata --filepath`, so nothing is
+    downloaded; MONAI's own schema is not vendored)."""
+    from monai.bundle.utils import DEPRECATED_ID_MAPPING
+
+    tensor = {"type": "object", "required": REQUIRED_TENSOR,
+              "properties": {"num_channels": {"type": "integer"}, "spatial_shape": {"type": "array"},
+                             "value_range": {"type": "array"}, "is_patch_data": {"type": "boolean"},
+                             "channel_def": {"type": "object"}}}
+    names = {"type": "object", "minProperties": 1, "additionalProperties": tensor}
+    plain = [k for k in REQUIRED_METADATA if k not in DEPRECATED_ID_MAPPING]
+    renamed = [{"anyOf": [{"required": [old]}, {"required": [new]}]} for old, new in DEPRECATED_ID_MAPPING.items()
+               if old in REQUIRED_METADATA]
+    return {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "required": plain, "allOf": renamed,
+            "properties": {"version": {"type": "string"}, "task": {"type": "string"},
+                           "network_data_format": {"type": "object", "required": ["inputs", "outputs"],
+                                                   "properties": {"inputs": names, "outputs": names}}}}
+
+
+def required_paths(meta: dict) -> list[tuple[str, ...]]:
+    """Every mandatory field of ``meta`` as a key path (the package-versions key under the name ``meta`` uses)."""
+    paths = []
+    for key in REQUIRED_METADATA:
+        if key == "optional_packages_version" and key not in meta:
+            key = "required_packages_version"
+        paths.append((key,))
+    for side in ("inputs", "outputs"):
+        paths.append(("network_data_format", side))
+        for name in meta["network_data_format"][side]:
+            paths += [("network_data_format", side, name, k) for k in REQUIRED_TENSOR]
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +115,20 @@ def test_bundle_runs_without_spark3d_and_equals_predict(finetuned, tmp_path):
     assert "| spleen | 0.500 | 1 |" in readme and "SegResNet" in readme
 
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps(_SCHEMA))
+    schema.write_text(json.dumps(metadata_schema()))
+    import copy
+
+    import jsonschema
+
+    jsonschema.validate(meta, metadata_schema())  # every mandatory field is there …
+    for path in required_paths(meta):  # … and the check notices each one missing
+        broken = copy.deepcopy(meta)
+        parent = broken
+        for key in path[:-1]:
+            parent = parent[key]
+        del parent[path[-1]]
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, metadata_schema())
     out = tmp_path / "bundle_out"
     commands = [["run", "--config_file", str(bundle / "configs" / "inference.json"), "--dataset_dir", str(images),
                  "--output_dir", str(out)],

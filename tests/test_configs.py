@@ -12,12 +12,6 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "pretrain").glob("*.ya
 FINETUNE = sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.yaml"))
 
 
-def _skip_without_extra(config):
-    """nnU-Net configs need the optional extra (pip install 'spark3d[nnunet]')."""
-    if config["model"]["init_args"].get("source") == "nnunet":
-        pytest.importorskip("dynamic_network_architectures")
-
-
 def test_configs_exist():
     names = {p.stem for p in CONFIGS}
     assert {"demo_ct", "ct_segresnet", "ct_mednext", "ct_resnet50", "imagenet_resnet50", "imagenet_convnext_small"} <= names
@@ -30,7 +24,6 @@ def test_config_builds_its_model(path, tmp_path):
     text = path.read_text()
     assert text.startswith("#"), "each config opens with a comment on the hardware and data it expects"
     config = yaml.safe_load(text)
-    _skip_without_extra(config)
     kwargs = dict(config["model"]["init_args"])
     if "plans" in (kwargs.get("backbone_kwargs") or {}):  # a plan's network: the config's path stands for the user's plan
         from nnunet_plans_example import write_example_plans
@@ -55,7 +48,6 @@ def test_finetune_config_builds_its_network(path):
     text = path.read_text()
     assert text.startswith("#")
     config = yaml.safe_load(text)
-    _skip_without_extra(config)
     assert config["model"]["class_path"] == "spark3d.train.SegmentationModule"
     assert config["data"]["class_path"] == "spark3d.data.SegmentationData"
     kwargs = dict(config["model"]["init_args"])

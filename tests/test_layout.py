@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "spark3d"
 # DESIGN.md section 3, bottom layer first: a room may import only from rooms before it (or itself)
-ROOMS = ["version", "errors", "masking", "layers", "viz", "sparse", "backbones", "encoders", "methods", "checkpoint",
+ROOMS = ["version", "provenance", "errors", "masking", "layers", "viz", "sparse", "backbones", "encoders", "methods", "checkpoint",
          "data", "networks", "check", "inference", "train", "export", "bench", "cli"]
 MAX_LINES = 400
 

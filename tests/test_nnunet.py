@@ -4,24 +4,28 @@ weights by key into the ResidualEncoderUNet itself, and a CLI pretraining whose 
 import copy
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
-pytest.importorskip("dynamic_network_architectures")
+# dynamic-network-architectures is a declared dev dependency: imported, never skipped (a broken install fails here)
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from torch import nn
 
-from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet  # noqa: E402
-from torch import nn  # noqa: E402
-
-from spark3d import SparK  # noqa: E402
-from spark3d.backbones import BackboneSpec, build_network, nnunet_kwargs, nnunet_topology  # noqa: E402
-from spark3d.check import dense_difference, leak_difference  # noqa: E402
-from spark3d.cli import main  # noqa: E402
-from spark3d.data.phantoms import write_btcv_phantoms  # noqa: E402
-from spark3d.encoders import from_nnunet  # noqa: E402
+from spark3d import SparK
+from spark3d.backbones import BackboneSpec, build_network, examples, nnunet_kwargs, nnunet_topology
+from spark3d.check import dense_difference, leak_difference
+from spark3d.cli import main
+from spark3d.data.phantoms import write_btcv_phantoms
+from spark3d.encoders import from_nnunet
 
 SMALL = {"features_per_stage": [2, 4, 8, 8, 8, 8]}  # ResEnc-L's depth (blocks 1,3,4,6,6,6) at small widths
 CONFIG = Path(__file__).parents[1] / "configs" / "pretrain" / "demo_ct.yaml"
+
+
+def test_the_backbone_table_holds_the_nnunet_examples():
+    """The tests parameterised over the table run the nnU-Net networks too (they vanish when the package is missing)."""
+    names = {ex.id for ex, _ in examples(method=None)}
+    assert {"nnunet-resenc-3d-aniso", "nnunet-plainconv-2d"} <= names
 
 
 def test_resenc_presets_follow_nnunet_and_nnssl():

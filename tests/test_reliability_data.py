@@ -117,10 +117,12 @@ def test_nan_volume_is_refused_in_pretraining_finetuning_evaluate_predict(data, 
         "predict": (_seg("predict", data["datalist"], tmp_path / "q", "--ckpt_path", str(ckpt), "--input", str(predict_in),
                          "--out", str(tmp_path / "pred")), "b_nan.nii.gz"),
     }
+    before = sorted(p.name for p in tmp_path.iterdir())  # every run folder and output folder is in tmp_path
     for what, (argv, name) in runs.items():
         line = _one_line_error(main(argv), capsys.readouterr().err, name)
         assert "NaN" in line, what
-    assert not any((tmp_path / d).exists() for d in ("p1", "p2", "f", "eval", "pred")), "nothing written"
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, f"{what} wrote something"
+    assert not any((tmp_path / d).exists() for d in ("p1", "p2", "f", "e", "eval", "q", "pred")), "nothing written"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -175,6 +177,7 @@ def test_predict_refuses_its_own_input_folder_and_name_collisions(data, tmp_path
     inputs.mkdir()
     (inputs / "case.nii.gz").write_bytes(data["good"].read_bytes())
     before = sorted(p.name for p in inputs.iterdir())
+    written = sorted(p.name for p in tmp_path.iterdir())  # the run folder "r" and the outputs would land here
     for out in (inputs, inputs / "predictions"):
         argv = _seg("predict", data["datalist"], tmp_path / "r", "--ckpt_path", str(ckpt), "--input", str(inputs),
                     "--out", str(out))
@@ -184,8 +187,9 @@ def test_predict_refuses_its_own_input_folder_and_name_collisions(data, tmp_path
     argv = _seg("predict", data["datalist"], tmp_path / "r", "--ckpt_path", str(ckpt), "--input", str(inputs),
                 "--out", str(tmp_path / "pred"))
     line = _one_line_error(main(argv), capsys.readouterr().err, "case_seg.nii.gz")
-    assert "case.nii" in line and not (tmp_path / "pred").exists()
+    assert "case.nii" in line and not (tmp_path / "pred").exists() and not (tmp_path / "r").exists()
     assert sorted(p.name for p in inputs.iterdir()) == sorted(before + ["case.nii"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == written, "nothing written beside the inputs"
 
 
 def test_per_axis_values_must_fit_the_dimensionality(data, tmp_path, capsys):

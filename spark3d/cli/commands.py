@@ -323,7 +323,7 @@ def run_benchmark(argv: list[str]) -> int:
                      log=lambda line: print(line, file=sys.stderr))
     print(format_table(report))
     if args.json:
-        from pathlib import Path
+        from ..provenance import write_result
 
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_result(args.json, report, ["spark3d", "benchmark", *argv])
     return 0

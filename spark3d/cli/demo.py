@@ -41,6 +41,18 @@ def _organ_table(per_organ: dict, columns: int = 3) -> str:
     return "\n".join("  " + "   ".join(cells[i:i + columns]) for i in range(0, len(cells), columns))
 
 
+def _write_demo_json(path: Path, args: argparse.Namespace, argv: list[str], summary: dict, stages: dict[str, float],
+                     losses: list[float], t0: float) -> None:
+    """``demo.json``: the Dice table, the stage times and the pretraining losses, with the provenance block."""
+    from ..provenance import write_result
+
+    write_result(path, {
+        "method": args.method, "options": vars(args), "mean_dice": summary.get("mean_dice"),
+        "per_organ_dice": {organ: v["mean"] for organ, v in summary["per_organ"].items()},
+        "stages_s": {stage: round(seconds, 1) for stage, seconds in stages.items()},
+        "total_s": round(time.time() - t0, 1), "pretrain_loss_epoch": losses}, ["spark3d", "demo", *argv], t0)
+
+
 def run_demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="spark3d demo",
@@ -125,6 +137,7 @@ def run_demo(argv: list[str]) -> int:
         lap("bundle export")
 
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
+    _write_demo_json(out / "demo.json", args, argv, summary, stages, losses, t0)
     figures = sorted((run_dir / "figures").glob("*.png"))
     overlays = sorted((out / "predict").glob("*_overlay.png"))
     print("\n" + "=" * 72)
@@ -140,6 +153,7 @@ def run_demo(argv: list[str]) -> int:
     print(f"pretraining run        : {run_dir}  (checkpoints/, metrics.csv, tensorboard/, figures/)")
     print(f"fine-tuning run        : {ft_dir}")
     print(f"Dice per case / organ  : {out / 'evaluate' / 'dice_per_case.csv'}, summary.json")
+    print(f"these numbers, timed   : {out / 'demo.json'}  (with the machine, versions and command)")
     if bundle is not None:
         print(f"MONAI bundle           : {bundle}  (runs without spark3d:)")
         print(f"                         python -m monai.bundle run --config_file {bundle / 'configs' / 'inference.json'} "

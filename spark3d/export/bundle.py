@@ -115,12 +115,10 @@ def inference_config(module, data: SegmentationData, network_def: dict[str, Any]
 
 
 def _tensor_format(kind: str, fmt: str, channels: int, shape: list[int], value_range: list, channel_def: dict,
-                   modality: str | None = None) -> dict[str, Any]:
-    out = {"type": kind, "format": fmt, "num_channels": channels, "spatial_shape": shape, "dtype": "float32",
-           "value_range": value_range, "is_patch_data": True, "channel_def": channel_def}
-    if modality is not None:
-        out["modality"] = modality
-    return out
+                   modality: str = "n/a") -> dict[str, Any]:
+    """A tensor format specifier with every key the MONAI Bundle Specification requires (modality default "n/a")."""
+    return {"type": kind, "format": fmt, "modality": modality, "num_channels": channels, "spatial_shape": shape,
+            "dtype": "float32", "value_range": value_range, "is_patch_data": True, "channel_def": channel_def}
 
 
 def bundle_metadata(module, data: SegmentationData, label_names: list[str], summary: Mapping[str, Any] | None,

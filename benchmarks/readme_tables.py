@@ -1,0 +1,266 @@
+"""Rewrite the README's result tables from the committed JSON files in ``docs/results/`` (and check they agree).
+
+    python benchmarks/readme_tables.py            # rewrite every marked block of README.md
+    python benchmarks/readme_tables.py --check    # exit 1 (naming the blocks) when a block differs from its JSON
+
+A block is the text between ``<!-- table:NAME -->`` and ``<!-- /table -->`` (each on its own line); NAME picks a
+renderer below, which reads only its JSON files and the keys they hold today (extra keys are ignored). A block
+whose JSON is missing says so and names the command that writes it, instead of holding numbers. Every ± is the
+mean ± the sample sd (ddof 1) over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "docs" / "results"
+BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+# how each result file is made (what a block without its JSON names)
+COMMANDS = {
+    "demo": "spark3d demo, then cp spark3d_demo/demo.json docs/results/demo.json",
+    "data_throughput": "python benchmarks/data_throughput.py --blosc2 --jitter --rounds 5 "
+                       "--json docs/results/data_throughput.json",
+    "perf_encoder": "spark3d benchmark --config configs/pretrain/ct_segresnet.yaml --batch 2 --scope encoder "
+                    "--modes masked-dense sparse --repeats 3 --json docs/results/perf_encoder_ct_segresnet.json "
+                    "(one file per network: perf_encoder_<name>.json)",
+    "perf_step": "spark3d benchmark --config configs/pretrain/ct_segresnet.yaml --batch 2 --decoder spark "
+                 "--modes masked-dense --repeats 3 --no-memory --json docs/results/perf_step_ct_segresnet_before.json, "
+                 "and with --decoder efficient --modes sparse into perf_step_ct_segresnet_after.json",
+    "resenc_step": "python benchmarks/resenc_step.py --size 96 --batch 2 --repeats 3 --json docs/results/resenc_step.json",
+    "probe": "python benchmarks/probe.py --work runs/probe --seeds 0 1 2 --json docs/results/probe.json",
+}
+# the row order of the per-network tables (file-name stems after the prefix); other files follow, sorted
+NETWORK_ORDER = ["ct_segresnet", "ct_resnet50", "ct_mednext", "ct_resenc_l", "dynunet", "timm_resnet50",
+                 "timm_efficientnet_b0"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def load(path: Path) -> dict[str, Any] | None:
+    """A result file's content, or ``None`` when it is not there."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def num(value: float | None, digits: int = 2) -> str:
+    """A figure as the tables print it (``–`` for none or NaN)."""
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sample sd`` (ddof 1) over seeds."""
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.3f} ± {num(sd, 3)}"
+
+
+def shown(path: Path) -> str:
+    """A result file's path as the README names it (relative to the repository when inside it)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
+def source(path: Path, payload: dict[str, Any]) -> str:
+    """One line naming the file, its command, the machine, the load and the date (from its provenance block)."""
+    rel = shown(path)
+    prov = payload.get("provenance")
+    if not prov and "machine" in payload:  # a report written without the provenance block: its own machine only
+        prov = {"machine": payload["machine"], "command": "not recorded", "date": "date not recorded"}
+    if not prov:
+        return f"`{rel}` (written before result files recorded their machine; no provenance block)"
+    mach, ver = prov.get("machine", {}), prov.get("versions", {})
+    load = mach.get("load_average")
+    return (f"`{rel}`: `{prov.get('command', '?')}` on {mach.get('cpu_model', mach.get('processor', '?'))}, "
+            f"{mach.get('cores_available', mach.get('cpu_count', '?'))} cores, torch threads {mach.get('threads', '?')}"
+            f"{f', load {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)' if load else ''}; "
+            f"torch {ver.get('torch', mach.get('torch', '?'))}, MONAI {ver.get('monai', '?')}, timm {ver.get('timm', '?')}, "
+            f"Lightning {ver.get('pytorch-lightning', '?')}; {prov.get('date', '?')}, "
+            f"commit {str(prov.get('git', {}).get('commit', '?'))[:9]}")
+
+
+def missing(name: str) -> str:
+    """The block text of a table whose result file is not committed yet."""
+    return f"*No committed result yet: `{COMMANDS[name]}` writes it; then `python benchmarks/readme_tables.py`.*\n"
+
+
+def networks(results: Path, prefix: str) -> list[tuple[str, Path]]:
+    """``(network, file)`` of every ``<prefix><network>.json``, in :data:`NETWORK_ORDER` then sorted."""
+    found = {p.name[len(prefix):-len(".json")]: p for p in sorted(results.glob(f"{prefix}*.json"))}
+    order = [n for n in NETWORK_ORDER if n in found] + sorted(n for n in found if n not in NETWORK_ORDER)
+    return [(n, found[n]) for n in order]
+
+
+def setting(report: dict[str, Any]) -> str:
+    """Input size, batch and mask ratio of a ``spark3d benchmark`` report."""
+    return f"{'×'.join(map(str, report['input_size']))}, batch {report['batch']}, mask {report['mask_ratio']:g}"
+
+
+# ------------------------------------------------------------------------------------------------ renderers
+def render_demo(results: Path) -> str:
+    """The demo's Dice line: mean Dice, the lowest organs, the liver, and the time of each stage."""
+    demo = load(results / "demo.json")
+    if demo is None:
+        return missing("demo")
+    organs = {o: d for o, d in demo["per_organ_dice"].items() if d is not None}
+    low = sorted(organs.items(), key=lambda kv: kv[1])
+    stages = ", ".join(f"{stage} {seconds / 60:.1f}" for stage, seconds in demo["stages_s"].items())
+    return (f"Measured: mean Dice {demo['mean_dice']:.3f} over the {len(demo['per_organ_dice'])} organs of the "
+            f"validation phantoms, every organ ≥ {low[0][1]:.2f} (lowest: "
+            f"{', '.join(f'{o} {d:.2f}' for o, d in low[:3])}; highest: {low[-1][0]} {low[-1][1]:.2f}); "
+            f"{demo['total_s'] / 60:.1f} minutes in all (minutes: {stages}).\n"
+            f"Source: {source(results / 'demo.json', demo)}.\n")
+
+
+def render_data_throughput(results: Path) -> str:
+    """Crops per second of each source (wall and CPU), × uncached, loader rates; bytes on disk."""
+    tp = load(results / "data_throughput.json")
+    if tp is None:
+        return missing("data_throughput")
+    s = tp["settings"]
+    lines = [f"{s['volumes']} phantoms of {'×'.join(map(str, s['shape']))} at {'×'.join(f'{v:g}' for v in s['spacing'])} "
+             f"mm, random {s['roi']}³ crops, {s['num_samples']} per volume read, flips p=0.5 per axis; one torch thread; "
+             f"medians over {s['rounds']} interleaved rounds (range in brackets). On a loaded machine crops per "
+             "CPU-second is the closer estimate of one quiet core.", "",
+             f"| source | crops/s (1 process) | crops per CPU-s | × uncached | {s['workers']} workers, crops/s |",
+             "|---|---|---|---|---|"]
+    for name, r in tp["sources"].items():
+        wall, cpu = r["crops_per_s"], r["crops_per_cpu_s"]
+        lines.append(f"| {name} | {statistics.median(wall):.1f} ({min(wall):.1f}–{max(wall):.1f}) | "
+                     f"{statistics.median(cpu):.1f} | {statistics.median(r['x_uncached']):.1f} | "
+                     f"{num(r.get('workers_crops_per_s'), 0)} |")
+    for name, rate in tp.get("workers_only", {}).items():
+        lines.append(f"| {name} | – | – | – | {num(rate, 0)} |")
+    sizes = tp["bytes_on_disk"]
+    raw = next(iter(sizes.values()))
+    lines += ["", "On disk: " + "; ".join(f"{name} {b / 1e6:.1f} MB ({b / raw:.2f}×)" for name, b in sizes.items()) + ".",
+              "", f"Source: {source(results / 'data_throughput.json', tp)}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_perf_encoder(results: Path) -> str:
+    """Encoder forward + backward: masked-dense vs sparse time, peak memory and FLOPs, one row per network."""
+    rows = networks(results, "perf_encoder_")
+    if not rows:
+        return missing("perf_encoder")
+    lines = ["| network | input, batch, mask | masked-dense s | sparse s | time ratio | masked-dense MB | sparse MB | "
+             "memory ratio | encoder GFLOP / sample, masked-dense → sparse |", "|---|---|---|---|---|---|---|---|---|"]
+    sources = []
+    for _, path in rows:
+        r = json.loads(path.read_text())
+        md, sp = r["modes"]["masked-dense"], r["modes"]["sparse"]
+        ratio = r["ratios"].get("sparse/masked-dense", {})
+        lines.append(f"| {r['name']} | {setting(r)} | {num(md['median_s'])} | {num(sp['median_s'])} | "
+                     f"**{num(ratio.get('time'))}** | {num(md['peak_mb'], 0)} | {num(sp['peak_mb'], 0)} | "
+                     f"**{num(ratio.get('memory'))}** | {num(md['encoder_gflop'], 1)} → {num(sp['encoder_gflop'], 1)} |")
+        sources.append(f"- {source(path, r)}")
+    return "\n".join(lines + ["", "Medians of each file's `repeats` after warm-up; sources:", *sources]) + "\n"
+
+
+def render_perf_step(results: Path) -> str:
+    """Whole pretraining step, before (faithful decoder, masked-dense) and after (efficient decoder, sparse)."""
+    pairs = [(n, p, p.with_name(p.name.replace("_before.json", "_after.json")))
+             for n, p in networks(results, "perf_step_") if n.endswith("_before")]
+    pairs = [(n, b, a) for n, b, a in pairs if a.is_file()]
+    if not pairs:
+        return missing("perf_step")
+    lines = ["| network | input, batch, mask | before s | after s | speed-up | densify + decoder GFLOP / sample, "
+             "faithful → efficient (encoder) |", "|---|---|---|---|---|---|"]
+    sources = []
+    for _, b_path, a_path in pairs:
+        before, after = json.loads(b_path.read_text()), json.loads(a_path.read_text())
+        b, a = before["modes"]["masked-dense"], after["modes"]["sparse"]
+        lines.append(f"| {before['name']} | {setting(before)} | {num(b['median_s'])} | {num(a['median_s'])} | "
+                     f"**{num(b['median_s'] / a['median_s'], 1)}×** | {num(b['decoder_gflop'], 1)} → "
+                     f"{num(a['decoder_gflop'], 1)} ({num(b['encoder_gflop'], 1)}) |")
+        sources += [f"- {source(b_path, before)}", f"- {source(a_path, after)}"]
+    return "\n".join(lines + ["", "Sources:", *sources]) + "\n"
+
+
+def render_resenc_step(results: Path) -> str:
+    """SparK step on ResEnc-L against the default SegResNet config."""
+    r = load(results / "resenc_step.json")
+    if r is None:
+        return missing("resenc_step")
+    lines = ["| network | median step s | encoder M parameters | mask ratio |", "|---|---|---|---|"]
+    for name, m in r["models"].items():
+        lines.append(f"| {name} | {num(statistics.median(m['times_s']))} | {num(m['encoder_mparams'], 1)} | "
+                     f"{m['mask_ratio']:g} |")
+    lines += ["", f"Input {r['size']}³, batch {r['batch']}, {r['repeats']} interleaved repeats; "
+              f"ratio resenc_l / segresnet {num(r['ratio'])}. Source: {source(results / 'resenc_step.json', r)}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_probe(results: Path) -> str:
+    """Frozen-encoder probe and label-efficiency fine-tune, scratch / faithful / efficient decoder."""
+    path = results / "probe.json"
+    if not path.is_file() and (results.parent / "probe.json").is_file():
+        path = results.parent / "probe.json"  # the study's first file, before result files moved to docs/results/
+    probe = load(path)
+    if probe is None:
+        return missing("probe")
+    a, res = probe["args"], probe["results"]
+    names = {"scratch": "scratch", "faithful": "faithful decoder (`spark`)", "efficient": "efficient decoder"}
+    lines = [f"| pretraining | frozen-encoder probe ({a['probe_steps']} steps) | fine-tune, {a['n_labelled']} labelled "
+             f"volumes ({a['finetune_steps']} steps) |", "|---|---|---|"]
+    for init in res["probe"]:
+        lines.append(f"| {names.get(init, init)} | {mean_sd(res['probe'][init])} | "
+                     f"{mean_sd(res['label_efficiency'][init])} |")
+    lines += ["", f"Seeds {', '.join(map(str, a['seeds']))}, mask {a['mask_ratio']:g}, {a['pretrain_steps']} pretraining "
+              f"steps; mean ± sample sd over seeds. Source: {source(path, probe)}."]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "demo": render_demo, "data_throughput": render_data_throughput, "perf_encoder": render_perf_encoder,
+    "perf_step": render_perf_step, "resenc_step": render_resenc_step, "probe": render_probe}
+
+
+# ------------------------------------------------------------------------------------------------ the rewrite
+def blocks(text: str) -> dict[str, str]:
+    """Every marked block's name and current content."""
+    return {m.group(2): m.group(3) for m in BLOCK.finditer(text)}
+
+
+def rewrite(text: str, results: Path = RESULTS) -> str:
+    """``text`` with every marked block rendered afresh from ``results`` (an unknown block name is an error)."""
+    unknown = sorted(set(blocks(text)) - set(RENDERERS))
+    if unknown:
+        raise SystemExit(f"README.md: unknown table block(s) {unknown}; known: {sorted(RENDERERS)}")
+    return BLOCK.sub(lambda m: m.group(1) + RENDERERS[m.group(2)](results) + m.group(4), text)
+
+
+def differing(text: str, results: Path = RESULTS) -> list[str]:
+    """The names of the blocks whose content differs from what their JSON renders."""
+    fresh = blocks(rewrite(text, results))
+    return [name for name, content in blocks(text).items() if fresh[name] != content]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block differs")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    if args.check:
+        stale = differing(text, args.results)
+        if stale:
+            print(f"{args.readme}: table block(s) {', '.join(stale)} differ from {args.results}; "
+                  "run python benchmarks/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(rewrite(text, args.results))
+    print(f"{args.readme}: {len(blocks(text))} table block(s) rendered from {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
