@@ -21,7 +21,7 @@ from ..layers import make_norm, norm_kind_of
 from ..masking import mask_grid, random_mask
 from ..sparse import MaskContext, set_batchnorm_sync, sparsify
 from ..sparse.compute import PackedLayout, packed_flow
-from ..sparse.verify import CheckReport, PlanEntry, exactness_check, perturbed_copy
+from ..sparse.verify import EXACT_TOL, CheckReport, PlanEntry, exactness_check, perturbed_copy
 from .common import (
     MaskedModelingMethod, MaskedModelOutput, mask_input, masked_patch_loss, norm_pix_target, patchify,
     reconstruct_from_patches,
@@ -33,7 +33,6 @@ __all__ = ["SparK", "SparKOutput"]
 SparKOutput = MaskedModelOutput  # the output type every method shares
 COMPUTE_MODES = ("auto", "sparse", "masked-dense")
 AUTO_MAX_VISIBLE = 0.5  # "auto" computes sparse when at most this fraction of the cells is visible
-EXACT_TOL = 1e-6  # largest relative difference (float64) of the sparse path against masked-dense: structural
 
 
 class SparK(MaskedModelingMethod):
@@ -98,6 +97,7 @@ class SparK(MaskedModelingMethod):
         self._said: set[str] = set()
         self.compute_decision: str | None = None  # the last compute decision's one line (tests read it)
         self.last_path: str | None = None  # the path the encoder last ran ("sparse" / "masked-dense")
+        self.last_layout: PackedLayout | None = None  # the packed layout of the last sparse step
         self.ctx = MaskContext()
         self._trusted = tuple(trusted)
         sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted,
@@ -193,6 +193,10 @@ class SparK(MaskedModelingMethod):
         sites / blocks / dense, and why for dense), as the one-time exactness check recorded it."""
         return list(self._verdict(mask).plan)
 
+    def sparse_check(self, mask: torch.Tensor) -> CheckReport:
+        """The one-time exactness check (float64, perturbed weights) for masks like ``mask``: differences, plan."""
+        return self._verdict(mask)
+
     def _say(self, line: str) -> None:
         """Print a compute decision once per model (one line)."""
         self.compute_decision = line
@@ -232,6 +236,7 @@ class SparK(MaskedModelingMethod):
             self.last_path = self.compute_path(mask)
             if self.last_path == "sparse":
                 with packed_flow(self.ctx) as layout:
+                    self.last_layout = layout  # (its setup_s: what this mask's index tables cost)
                     return [layout.unpack(f) for f in self.encoder(layout.pack(x))]
             return self.encoder(mask_input(x, mask))
 
@@ -260,6 +265,7 @@ class SparK(MaskedModelingMethod):
             self.last_path = self.compute_path(mask)
             if self.last_path == "sparse":
                 with packed_flow(self.ctx) as layout:  # only the visible cells flow through the encoder
+                    self.last_layout = layout
                     dense = self.densify(self.encoder(layout.pack(x)), mask, layout)
             else:
                 dense = self.densify(self.encode(x, mask), mask)

@@ -28,8 +28,11 @@ from .context import MaskContext
 from .packed import packed_flow
 from .sync import SYNC_FLAG
 
-__all__ = ["PlanEntry", "CheckReport", "perturbed_copy", "exactness_check", "packed_flow_difference", "plan_lines",
+__all__ = ["EXACT_TOL", "PlanEntry", "CheckReport", "perturbed_copy", "exactness_check", "packed_flow_difference", "plan_lines",
            "plan_of"]
+
+
+EXACT_TOL = 1e-6  # largest relative difference (float64) of the packed flow against masked-dense: structural
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,10 @@ class CheckReport:
     def dense_layers(self) -> list[PlanEntry]:
         return [e for e in self.plan if e.strategy == "dense"]
 
-    def exact(self, tol: float) -> bool:
+    def exact(self, tol: float = EXACT_TOL) -> bool:
         return self.error is None and self.features < tol and self.gradients < tol
 
-    def reason(self, tol: float) -> str:
+    def reason(self, tol: float = EXACT_TOL) -> str:
         """One line: ``sparse (…)`` or ``masked-dense: <layer path> <reason>``."""
         if self.error is not None:
             return f"masked-dense: {self.error}"
