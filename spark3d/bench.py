@@ -1,7 +1,9 @@
 """What ``spark3d benchmark`` measures: step time, peak memory and FLOPs by part, for dense / masked modes.
 
 For one pretraining method on one network (from a pretraining config, or a backbone-table name)
-and one fixed input and mask, each mode is measured the same way:
+and one fixed input, each mode is measured the same way, with a fresh mask every repeat (as training
+draws one every step: the per-mask index tables are part of a step; their build time is reported as
+``setup_s``, the median per repeat):
 
 - ``dense``: the method's networks with nothing masked (:meth:`forward_encoder` / :meth:`forward_decoder`
   with ``mask=None``, MSE on every pixel): the cost a dense network would have;
@@ -73,6 +75,8 @@ class ModeResult:
     encoder_gflop: float
     decoder_gflop: float
     error: str | None = None
+    setup_s: float | None = None  # median seconds per step building the mask's index tables (sparse path)
+    setup_times: list[float] = field(default_factory=list)
 
 
 def build(spec: BenchmarkSpec) -> tuple[MaskedModelingMethod, int, tuple[int, ...], str]:
@@ -143,13 +147,15 @@ def _in_channels(method: MaskedModelingMethod) -> int:
 
 
 def _step(method: MaskedModelingMethod, mode: str, scope: str, x: torch.Tensor, mask: torch.Tensor) -> Callable:
-    """A zero-argument callable running one forward + backward of ``mode`` (parameters' grads cleared first)."""
+    """A callable running one forward + backward of ``mode`` (parameters' grads cleared first), under ``mask`` or
+    the mask it is given."""
 
     def features_loss(latent) -> torch.Tensor:
         tensors = latent if isinstance(latent, (list, tuple)) else [latent]
         return sum(t.float().pow(2).mean() for t in tensors)
 
-    def run() -> None:
+    def run(step_mask: torch.Tensor | None = None) -> None:
+        mask_now = mask if step_mask is None else step_mask
         method.zero_grad(set_to_none=True)
         if mode == "dense":
             latent = method.forward_encoder(x, None)
@@ -157,7 +163,8 @@ def _step(method: MaskedModelingMethod, mode: str, scope: str, x: torch.Tensor, 
                 (method.forward_decoder(latent, None).float() - x.float()).pow(2).mean()
         else:
             with method.computing(mode):
-                loss = features_loss(method.forward_encoder(x, mask)) if scope == "encoder" else method(x, mask=mask).loss
+                loss = features_loss(method.forward_encoder(x, mask_now)) if scope == "encoder" else \
+                    method(x, mask=mask_now).loss
         loss.backward()
 
     return run
@@ -240,10 +247,14 @@ def measure(spec: BenchmarkSpec, modes: list[str] | None = None, scope: str = "s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device).train()
     x, mask = _inputs(method, batch, spec.seed, device)
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    masks = [method.random_mask(batch, generator=gen).to(device) for _ in range(warmup + repeats)]  # fresh per repeat
     steps = {m: _step(method, m, scope, x, mask) for m in modes}
     errors: dict[str, str] = {}
     times: dict[str, list[float]] = {m: [] for m in modes}
+    setups: dict[str, list[float]] = {m: [] for m in modes}
     say = log or (lambda _: None)
+    plan, decision = _plan(method, mask, say)
     for r in range(warmup + repeats):
         for m in modes:
             if m in errors:
@@ -251,15 +262,23 @@ def measure(spec: BenchmarkSpec, modes: list[str] | None = None, scope: str = "s
             try:
                 _sync(device)
                 t0 = time.perf_counter()
-                steps[m]()
+                steps[m](masks[r].clone())  # a new tensor: nothing cached from an earlier step
                 _sync(device)
                 elapsed = time.perf_counter() - t0
             except (ValueError, RuntimeError) as err:
                 errors[m] = str(err).splitlines()[0]
                 continue
+            layout = getattr(method, "last_layout", None)
+            ran_sparse = m != "dense" and getattr(method, "last_path", None) == "sparse"
+            setup = layout.setup_s if layout is not None and ran_sparse else None
+            if hasattr(method, "last_layout"):
+                method.last_layout = None
             if r >= warmup:
                 times[m].append(elapsed)
-            say(f"  {m:<13} {'warm-up' if r < warmup else f'repeat {r - warmup + 1}'}: {elapsed:.3f} s")
+                if setup is not None:
+                    setups[m].append(setup)
+            say(f"  {m:<13} {'warm-up' if r < warmup else f'repeat {r - warmup + 1}'}: {elapsed:.3f} s"
+                + (f" (mask setup {setup:.3f} s)" if setup is not None else ""))
     results: dict[str, ModeResult] = {}
     for m in modes:
         if m in errors:
@@ -272,12 +291,31 @@ def measure(spec: BenchmarkSpec, modes: list[str] | None = None, scope: str = "s
                 _memory_in_subprocess(spec, m, scope, torch.get_num_threads())
             say(f"  {m:<13} peak memory {peak if peak is None else round(peak)} MB")
         med = statistics.median(times[m])
-        results[m] = ModeResult(m, times[m], med, batch / med, peak, enc, dec)
+        results[m] = ModeResult(m, times[m], med, batch / med, peak, enc, dec,
+                                setup_s=statistics.median(setups[m]) if setups[m] else None, setup_times=setups[m])
     reference = method.compute_modes()[0]
     return {"name": name, "method": type(method).__name__, "input_size": list(size), "batch": batch,
             "mask_ratio": float(method.mask_ratio), "visible_fraction": float(mask[0].float().mean()), "scope": scope,
             "repeats": repeats, "warmup": warmup, "machine": machine(), "spec": asdict(spec),
-            "modes": {m: asdict(r) for m, r in results.items()}, "ratios": _ratios(results, reference)}
+            "modes": {m: asdict(r) for m, r in results.items()}, "ratios": _ratios(results, reference),
+            "fresh_mask_per_repeat": True, "plan": plan, "compute_decision": decision,
+            "exactness": "asserted in float64 (perturbed weights, train and eval, features and gradients); float32 "
+                         "differences from masked-dense are rounding (about 1e-4 relative in features)"}
+
+
+def _plan(method: MaskedModelingMethod, mask: torch.Tensor, say: Callable[[str], None]) -> tuple[list[str], str | None]:
+    """The sparse path's plan under ``mask`` (one line per converted layer, counts first) and the decision line."""
+    if not hasattr(method, "compute_plan"):
+        return [], None
+    from .sparse.verify import plan_lines
+
+    try:
+        report = method.sparse_check(mask)
+    except (ValueError, RuntimeError) as err:
+        return [], f"no plan: {str(err).splitlines()[0]}"
+    decision = report.reason()
+    say(f"  sparse path: {decision}")
+    return plan_lines(report.plan), decision
 
 
 def _ratios(results: dict[str, ModeResult], reference: str) -> dict[str, dict[str, float | None]]:
@@ -305,15 +343,16 @@ def format_table(report: dict[str, Any]) -> str:
             f"machine: {mach['device']} {mach.get('gpu', mach['processor'])}, {mach['threads']} threads, "
             f"torch {mach['torch']}" + (f", load {mach['load_average']}" if "load_average" in mach else ""))
     ref = next(iter(k.split("/")[1] for k in report["ratios"] if not k.endswith("/dense")), None)
-    lines = [head, "", f"| mode | {report['scope']} fwd+bwd s | samples/s | peak MB | encoder GFLOP | "
-             f"densify+decoder GFLOP | time / {ref} | memory / {ref} |", "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", f"| mode | {report['scope']} fwd+bwd s | mask setup s | samples/s | peak MB | encoder GFLOP | "
+             f"densify+decoder GFLOP | time / {ref} | memory / {ref} |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, p=2: "–" if v is None or v != v else f"{v:.{p}f}"  # noqa: E731
     for m, r in report["modes"].items():
         if r["error"]:
-            lines.append(f"| {m} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {m} | error: {r['error']} | | | | | | | |")
             continue
         rat = report["ratios"].get(f"{m}/{ref}", {})
-        lines.append(f"| {m} | {fmt(r['median_s'], 3)} | {fmt(r['samples_per_s'], 2)} | {fmt(r['peak_mb'], 0)} | "
+        lines.append(f"| {m} | {fmt(r['median_s'], 3)} | {fmt(r.get('setup_s'), 3)} | {fmt(r['samples_per_s'], 2)} | "
+                     f"{fmt(r['peak_mb'], 0)} | "
                      f"{fmt(r['encoder_gflop'], 1)} | {fmt(r['decoder_gflop'], 1)} | "
                      f"{fmt(rat.get('time', 1.0 if m == ref else None))} | "
                      f"{fmt(rat.get('memory', 1.0 if m == ref and r['peak_mb'] is not None else None))} |")

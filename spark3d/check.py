@@ -13,6 +13,7 @@ from .encoders import HierarchicalEncoder, from_spec
 from .masking import upsample_mask
 from .methods import SparK
 from .sparse import UnsafeLayerError, refusal_lines
+from .sparse.verify import plan_lines
 
 __all__ = ["CheckResult", "relative_difference", "leak_difference", "dense_difference", "check_backbone", "build_encoder",
            "refusal_report"]
@@ -64,6 +65,8 @@ class CheckResult:
     leak: dict[str, float]
     dense: dict[str, float]
     exact: Sequence[str] = ()  # global poolings made exact under a mask, one line per block kind
+    compute: str = ""  # the sparse-compute decision ("sparse (…)" or "masked-dense: <layer> <reason>")
+    plan: Sequence[str] = ()  # the packed flow's plan: counts, then per converted layer its strategy
     leak_tol: float = 1e-5
     dense_tol: float = 1e-4
 
@@ -84,6 +87,8 @@ class CheckResult:
             f"no leak         {verdict(self.leak, self.leak_tol)}",
             f"dense-equal     {verdict(self.dense, self.dense_tol)}",
             *(f"exact pooling   {line}" for line in self.exact),
+            *([f"compute path    {self.compute}"] if self.compute else []),
+            *([f"plan            {self.plan[0]}"] + [f"  {line}" for line in self.plan[1:]] if self.plan else []),
             f"verdict         {'safe for sparse masking' if self.ok else 'NOT safe for sparse masking'}",
         ]
         return "\n".join(lines)
@@ -142,4 +147,6 @@ def check_backbone(
         leak[mode] = leak_difference(model, x, mask)
         dense_diff[mode] = dense_difference(model, dense, x)
     exact = refusal_lines(encoder.op_trace.select("exact", encoder.participating))
-    return CheckResult(name, list(encoder.channels), list(encoder.strides), leak, dense_diff, exact)
+    sparse = model.sparse_check(mask)
+    return CheckResult(name, list(encoder.channels), list(encoder.strides), leak, dense_diff, exact,
+                       compute=sparse.reason(), plan=plan_lines(sparse.plan))

@@ -322,6 +322,10 @@ def run_benchmark(argv: list[str]) -> int:
     report = measure(spec, args.modes, args.scope, args.repeats, args.warmup, not args.no_memory, args.threads,
                      log=lambda line: print(line, file=sys.stderr))
     print(format_table(report))
+    if report.get("compute_decision"):
+        print(f"\nsparse path: {report['compute_decision']}")
+    if report.get("plan"):
+        print("plan: " + "\n  ".join(report["plan"]))
     if args.json:
         from ..provenance import write_result
 

@@ -7,17 +7,21 @@ The whole method reads in :class:`SparK`; the encoder conversion lives in :mod:`
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..backbones import BackboneSpec
+from ..errors import ConfigError
 from ..encoders import HierarchicalEncoder, from_spec
 from ..layers import make_norm, norm_kind_of
 from ..masking import mask_grid, random_mask
 from ..sparse import MaskContext, set_batchnorm_sync, sparsify
-from ..sparse.compute import PackedLayout, packed_flow, packed_flow_difference
+from ..sparse.compute import PackedLayout, packed_flow
+from ..sparse.verify import EXACT_TOL, CheckReport, PlanEntry, exactness_check, perturbed_copy
 from .common import (
     MaskedModelingMethod, MaskedModelOutput, mask_input, masked_patch_loss, norm_pix_target, patchify,
     reconstruct_from_patches,
@@ -29,7 +33,6 @@ __all__ = ["SparK", "SparKOutput"]
 SparKOutput = MaskedModelOutput  # the output type every method shares
 COMPUTE_MODES = ("auto", "sparse", "masked-dense")
 AUTO_MAX_VISIBLE = 0.5  # "auto" computes sparse when at most this fraction of the cells is visible
-EXACT_TOL = 1e-6  # largest relative difference (float64) of the sparse path against masked-dense: structural
 
 
 class SparK(MaskedModelingMethod):
@@ -90,7 +93,11 @@ class SparK(MaskedModelingMethod):
         if compute not in COMPUTE_MODES:
             raise ValueError(f"compute must be one of {COMPUTE_MODES}, got '{compute}'")
         self.compute = compute
-        self._sparse_difference: float | None = None  # measured once, on first use of the sparse path
+        self._verdicts: dict[tuple, CheckReport] = {}  # the exactness check, once per visible count and structure
+        self._said: set[str] = set()
+        self.compute_decision: str | None = None  # the last compute decision's one line (tests read it)
+        self.last_path: str | None = None  # the path the encoder last ran ("sparse" / "masked-dense")
+        self.last_layout: PackedLayout | None = None  # the packed layout of the last sparse step
         self.ctx = MaskContext()
         self._trusted = tuple(trusted)
         sparsify(encoder.network, self.ctx, only=encoder.participating, trusted=self._trusted,
@@ -120,8 +127,11 @@ class SparK(MaskedModelingMethod):
         return cls(from_spec(spec), input_size, mask_ratio=mask_ratio, **kwargs)
 
     def prepare_for_fit(self) -> None:
-        # if anything swapped layers (e.g. a SyncBatchNorm conversion by hand), make them sparse again
-        self.resparsify()
+        """Before the first step, on every rank alike: repair converted layers, then decide the compute path
+        (the float64 exactness check runs here, never under DDP/FSDP hooks mid-training)."""
+        self.resparsify()  # if anything swapped layers (e.g. a SyncBatchNorm conversion by hand), make them sparse again
+        if self.compute != "masked-dense":
+            self.compute_path(self.random_mask(2, generator=torch.Generator().manual_seed(0)))
 
     def resparsify(self) -> None:
         """Convert encoder, densify norms and decoder (the decoder runs dense but syncs BatchNorm on any
@@ -155,49 +165,78 @@ class SparK(MaskedModelingMethod):
 
     # ---------------------------------------------------------------------------------- model
     def compute_path(self, mask: torch.Tensor) -> str:
-        """``"sparse"`` or ``"masked-dense"``: how the encoder computes under ``mask`` (from ``compute``)."""
+        """``"sparse"`` or ``"masked-dense"``: how the encoder computes under ``mask`` (from ``compute``).
+
+        ``auto`` says once, in one line, which path it chose and why; ``sparse`` refuses (one line naming the
+        layer or the difference) where the packed flow would not be exactly masked-dense.
+        """
         if self.compute == "masked-dense":
             return "masked-dense"
-        if self.compute == "auto" and int(mask[0].sum()) > AUTO_MAX_VISIBLE * mask[0].numel():
+        visible = int(mask[0].sum())
+        if self.compute == "auto" and visible > AUTO_MAX_VISIBLE * mask[0].numel():
+            self._say(f"masked-dense: {visible}/{mask[0].numel()} cells visible (sparse only at most "
+                      f"{AUTO_MAX_VISIBLE:.0%} visible)")
             return "masked-dense"
-        if self._sparse_difference is None:
-            self._sparse_difference = self._check_sparse_path()
-        if self._sparse_difference < EXACT_TOL:
+        report = self._verdict(mask)
+        reason = report.reason(EXACT_TOL)
+        if report.exact(EXACT_TOL) and not report.dense_layers():
+            self._say(reason)
             return "sparse"
         if self.compute == "sparse":
-            raise ValueError(f"compute='sparse': the sparse path is not exact for this encoder (relative difference "
-                             f"{self._sparse_difference:.1e} from masked-dense); use compute='masked-dense'")
+            raise ConfigError(f"compute='sparse' refused: {reason.removeprefix('masked-dense: ')}; use compute='auto' "
+                              "or 'masked-dense'")
+        self._say(reason)
         return "masked-dense"
 
-    def _check_sparse_path(self) -> float:
-        """Packed flow against masked-dense on a small random input (train and eval mode), in float64 so that
-        only a structural difference shows, not float32 rounding through a deep network; see
-        :func:`~spark3d.sparse.compute.packed_flow_difference`. The encoder's tensors get their dtypes back."""
+    def compute_plan(self, mask: torch.Tensor) -> list[PlanEntry]:
+        """Per converted encoder layer, the strategy the packed flow runs under a mask like ``mask`` (direct /
+        sites / blocks / dense, and why for dense), as the one-time exactness check recorded it."""
+        return list(self._verdict(mask).plan)
+
+    def sparse_check(self, mask: torch.Tensor) -> CheckReport:
+        """The one-time exactness check (float64, perturbed weights) for masks like ``mask``: differences, plan."""
+        return self._verdict(mask)
+
+    def _say(self, line: str) -> None:
+        """Print a compute decision once per model (one line)."""
+        self.compute_decision = line
+        if line not in self._said:
+            self._said.add(line)
+            print(f"spark3d: compute={self.compute}: {line}", file=sys.stderr)
+
+    def _verdict(self, mask: torch.Tensor) -> CheckReport:
+        """The exactness check for masks of this visible count (made once per count and encoder structure)."""
+        network = self.encoder.network
+        key = (tuple(type(m) for m in network.modules()), int(mask[0].sum()), tuple(mask.shape[2:]))
+        if key not in self._verdicts:
+            self._verdicts[key] = self._check_sparse_path(int(mask[0].sum()))
+        return self._verdicts[key]
+
+    def _check_sparse_path(self, visible: int) -> CheckReport:
+        """Packed flow against masked-dense on a perturbed float64 copy of the encoder (weights that cannot hide
+        a difference; see :mod:`spark3d.sparse.verify`), at most 3 cells per axis with training's visible
+        fraction, train and eval mode, features and gradients; the plan it ran comes with it."""
         grid = tuple(min(g, 3) for g in self.mask_grid)
+        total, check_total = math.prod(self.mask_grid), math.prod(grid)
+        k = min(check_total, max(1, round(visible * check_total / total)))
         gen = torch.Generator().manual_seed(0)
         device = self.mask_tokens[0].device
         x = torch.randn(2, self.encoder.in_channels, *[g * p for g, p in zip(grid, self.patch_size)], generator=gen,
                         dtype=torch.float64)
-        mask = random_mask(2, grid, 0.5, generator=gen)
-        network = self.encoder.network
-        tensors = [t for t in [*network.parameters(), *network.buffers()] if t.is_floating_point()]
-        dtypes = [t.dtype for t in tensors]
-        try:
-            for t in tensors:
-                t.data = t.data.double()
-            with torch.no_grad():
-                return packed_flow_difference(self.encoder, network, self.ctx, x.to(device), mask.to(device))
-        finally:
-            for t, dtype in zip(tensors, dtypes):
-                t.data = t.data.to(dtype)  # float32 → float64 → float32 is exact
+        order = torch.stack([torch.randperm(check_total, generator=gen) for _ in range(2)])
+        mask = (order < k).view(2, 1, *grid)
+        twin, ctx = perturbed_copy(self.encoder, self.ctx)
+        return exactness_check(twin, twin.network, ctx, x.to(device), mask.to(device))
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Sparse encoder features (finest first) of ``x`` under ``mask`` (None: every cell visible)."""
         self._check_input(x, mask)
         mask = self.full_mask(x.shape[0]) if mask is None else mask
         with self.ctx.use(mask):
-            if self.compute_path(mask) == "sparse":
+            self.last_path = self.compute_path(mask)
+            if self.last_path == "sparse":
                 with packed_flow(self.ctx) as layout:
+                    self.last_layout = layout  # (its setup_s: what this mask's index tables cost)
                     return [layout.unpack(f) for f in self.encoder(layout.pack(x))]
             return self.encoder(mask_input(x, mask))
 
@@ -218,10 +257,15 @@ class SparK(MaskedModelingMethod):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedModelOutput:
         """Mask, encode, densify, decode and compute the masked-patch loss."""
         self._check_input(x, mask)
+        if getattr(self, "_is_replica", False):
+            raise ConfigError("nn.DataParallel over a SparK model is not supported (its replicas would share one mask "
+                              "context); use DDP (Lightning strategy 'ddp') or one device")
         mask = self.random_mask(x.shape[0]) if mask is None else mask.to(x.device)
         with self.ctx.use(mask):  # one context for both: per-resolution masks and indices are computed once
-            if self.compute_path(mask) == "sparse":
+            self.last_path = self.compute_path(mask)
+            if self.last_path == "sparse":
                 with packed_flow(self.ctx) as layout:  # only the visible cells flow through the encoder
+                    self.last_layout = layout
                     dense = self.densify(self.encoder(layout.pack(x)), mask, layout)
             else:
                 dense = self.densify(self.encode(x, mask), mask)

@@ -5,108 +5,53 @@ as a batch of ``N = B·K`` cells ``(N, C, *cell)`` (sample-major, raster order w
 :class:`PackedLayout`). Every converted layer keeps that layout, and computes exactly what the
 masked-dense path computes at the visible sites:
 
-- convolutions and max pools need a halo from the neighbouring cells; they either gather it
+- convolutions and pools need a halo from the neighbouring cells; they either gather it
   (``blocks``: per cell, the halo-padded block, then a *valid* dense conv — masked or absent
   neighbours are zeros, or the lowest value for max pools), or gather each output site's
   neighbourhood and do one GEMM (``sites``, for small cells), or need none (``direct``: 1×1 convs,
-  kernel = stride patchify convs); anything else runs masked-dense on the unpacked map (``dense``);
+  kernel = stride patchify convs). The choice depends on the layer's geometry only (kernel, stride,
+  cell, groups), so a check on a small grid exercises what training runs. A conv class with a forward
+  of its own (timm's ``Conv2dSame``, ``StdConv2d``: dynamic padding, standardised weights) runs that
+  forward with its one zero pad and conv of the input replaced by the packed conv. What cannot run
+  packed runs masked-dense on the unpacked map (``dense``), and says why in the plan;
 - BatchNorm runs on the packed batch (its statistics are over every visible site already);
   per-sample norms (Instance/Group) run on a per-sample view; channel LayerNorm and every
   position-wise op (activations, adds, linear layers) run unchanged;
 - global average / max pools reduce over each sample's visible sites and repeat the result for the
-  sample's cells, so per-sample vectors broadcast back onto packed maps.
+  sample's cells, so per-sample vectors broadcast back onto packed maps; random draws (stochastic
+  depth, dropout) are made per sample as masked-dense makes them (:mod:`spark3d.sparse.stochastic`).
 
 Index tables (neighbours per axis and offset, per-site gather tables) are built once per mask and
-geometry and kept in the layout, which the :class:`~spark3d.sparse.context.MaskContext` caches per
-mask. :func:`packed_forward` is the one entry point the converted layers call.
+geometry and kept in the layout. :func:`packed_forward` is the one entry point the converted layers call;
+with ``layout.plan`` set it records per layer the strategy that ran (:func:`spark3d.sparse.verify.plan_of`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .context import MaskContext
+from .geometry import ConvGeometry, conv_geometry, pad_pairs_of, padding_pairs, window_geometry
 from .packed import (
     STRATEGIES, PackedLayout, channels_last, empty_channels_last, gather_rows, packed_flow, rows, suspended,
 )
-from .sync import needs_cross_process_sync, synced_batch_norm
+from .pools import ADAPTIVE, packed_avg_pool, packed_global_pool, packed_max_pool, packed_norm
+from .verify import packed_flow_difference
 
 __all__ = ["packed_forward", "packed_flow_difference", "conv_geometry", "ConvGeometry", "PackedLayout", "packed_flow",
-           "STRATEGIES"]
+           "STRATEGIES", "conv_strategy"]
 
 # layers whose forward is torch's own (so the packed version knows exactly which op it replaces)
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 _OWN_CONV_FORWARDS = {nn.Conv1d._conv_forward, nn.Conv2d._conv_forward, nn.Conv3d._conv_forward}
-_MAXPOOL_FORWARDS = {nn.MaxPool1d.forward, nn.MaxPool2d.forward, nn.MaxPool3d.forward}
-_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_ADAPTIVE_FORWARDS = {cls.forward for cls in _ADAPTIVE}
-_SITES_MAX_TABLE = 1 << 25  # largest per-site gather table (entries) worth building
-
-
-# -------------------------------------------------------------------------------- geometry
-class ConvGeometry:
-    """How a conv or pool window maps a packed cell to its output cell: halo, output cell, kernel taps."""
-
-    def __init__(self, kernel, stride, padding, dilation, cell_in) -> None:
-        self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
-        self.cell_in = tuple(cell_in)
-        self.cell_out = tuple(c // s for c, s in zip(cell_in, stride))
-        self.lo = tuple(lo for lo, _ in padding)
-        # last input site read by the cell's last output, relative to the cell's end (may be negative)
-        self.hi = tuple(d * (k - 1) - p - s + 1 for k, s, (p, _), d in zip(kernel, stride, padding, dilation))
-
-    @property
-    def needs_halo(self) -> bool:
-        return any(v > 0 for v in self.lo + self.hi)
-
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """Drop trailing input sites no output reads (negative ``hi``)."""
-        for a, h in enumerate(self.hi):
-            if h < 0:
-                x = x.narrow(2 + a, 0, x.shape[2 + a] + h)
-        return x
-
-    def halo_ratio(self) -> float:
-        """Volume of a halo-padded input block over the cell's volume."""
-        return math.prod((c + lo + max(h, 0)) / c for c, lo, h in zip(self.cell_in, self.lo, self.hi))
-
-
-def _padding_pairs(padding, kernel, dilation, stride) -> list[tuple[int, int]] | None:
-    """``(before, after)`` zero padding per axis of a conv/pool, or None when it is not plain."""
-    nd = len(kernel)
-    if isinstance(padding, str):
-        if padding == "valid":
-            return [(0, 0)] * nd
-        if padding == "same" and all(s == 1 for s in stride):
-            totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-            return [(t // 2, t - t // 2) for t in totals]
-        return None
-    pads = (padding,) * nd if isinstance(padding, int) else tuple(padding)
-    return [(int(p), int(p)) for p in pads]
-
-
-def conv_geometry(layer: nn.Module, x_ncs: torch.Tensor, grid: Sequence[int]) -> ConvGeometry | None:
-    """The packed geometry of a conv / max pool on ``x``, or None when its output is not cell-aligned."""
-    nd = x_ncs.ndim - 2
-    tup = lambda v: (v,) * nd if isinstance(v, int) else tuple(v)  # noqa: E731
-    kernel, dilation = tup(layer.kernel_size), tup(getattr(layer, "dilation", 1))
-    stride = tup(layer.stride if layer.stride is not None else layer.kernel_size)
-    pads = _padding_pairs(layer.padding, kernel, dilation, stride)
-    cell = tuple(x_ncs.shape[2:])
-    if pads is None or any(c % s for c, s in zip(cell, stride)):
-        return None
-    geo = ConvGeometry(kernel, stride, pads, dilation, cell)
-    for g, c_in, c_out, k, s, (p0, p1), d in zip(grid, cell, geo.cell_out, kernel, stride, pads, dilation):
-        dense_out = (g * c_in + p0 + p1 - d * (k - 1) - 1) // s + 1
-        if dense_out != g * c_out or c_out < 1:
-            return None  # the dense map's output does not line up with the mask grid
-    return geo
+_MAXPOOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_AVGPOOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
 
 
 # -------------------------------------------------------------------------------- convolutions
@@ -224,162 +169,182 @@ class _SubmanifoldConv(torch.autograd.Function):
             else:
                 block = layout.halo(xd, geo.lo, geo.hi)
                 nd = x.ndim - 2
+                slow = groups > 1 and dtype == torch.float64 and not x.is_cuda  # torch's CPU float64 grouped conv crawls
+                w_used = expand_groups(weight.to(dtype), groups) if slow else weight.to(dtype)
                 _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                    g, block, weight.to(dtype), [weight.shape[0]] if ctx.has_bias else None, [1] * nd, [0] * nd,
-                    list(geo.dilation), False, [0] * nd, groups, [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+                    g, block, w_used, [weight.shape[0]] if ctx.has_bias else None, [1] * nd, [0] * nd,
+                    list(geo.dilation), False, [0] * nd, 1 if slow else groups,
+                    [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+                if slow and grad_w is not None:
+                    grad_w = diagonal_groups(grad_w, groups)
                 grad_w = None if grad_w is None else grad_w.to(weight.dtype)
                 grad_b = None if grad_b is None else grad_b.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _conv_strategy(layer: nn.Module, layout: PackedLayout, geo: ConvGeometry) -> str:
-    """``direct`` / ``blocks`` / ``sites`` / ``dense`` for this conv on this packed map (see module docs)."""
+
+def expand_groups(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight ``(C_out, C_in/G, *k)`` as the block-diagonal weight ``(C_out, C_in, *k)`` of the
+    same conv with one group (differentiable; float64 grouped convs are far faster so on CPU)."""
+    c_out, c_in_g, *k = weight.shape
+    w = weight.reshape(groups, c_out // groups, c_in_g, -1)
+    eye = torch.eye(groups, dtype=weight.dtype, device=weight.device)
+    return torch.einsum("goik,gh->gohik", w, eye).reshape(c_out, groups * c_in_g, *k)
+
+
+def diagonal_groups(full: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`expand_groups`: the grouped weight's entries of a block-diagonal ``(C_out, C_in, *k)``."""
+    c_out, c_in, *k = full.shape
+    f = full.reshape(groups, c_out // groups, groups, c_in // groups, -1)
+    idx = torch.arange(groups, device=full.device)
+    return f[idx, :, idx].reshape(c_out, c_in // groups, *k)
+
+
+def conv_strategy(groups: int, geo: ConvGeometry, spatial_dims: int, forced: str = "auto") -> str:
+    """``direct`` / ``blocks`` / ``sites`` / ``dense`` for a conv of this geometry (see module docs).
+
+    A function of the geometry alone (never of the batch or the visible fraction), so the strategies a
+    one-time check runs are the ones training runs.
+    """
     if not geo.needs_halo:
         return "direct"
-    forced = layout.strategy
-    sites_ok = layer.groups == 1 and layout.n * math.prod(geo.cell_out) * math.prod(geo.kernel) <= _SITES_MAX_TABLE
-    if forced == "sites" and sites_ok or forced in ("blocks", "dense"):
+    if forced in ("blocks", "dense"):
         return forced
-    if layer.groups == 1:
-        # compute-bound: a valid conv over halo-padded blocks does exactly the visible sites' work, but on
-        # small cells the halo outweighs the cell and a GEMM over gathered taps is faster
-        return "sites" if math.prod(geo.cell_out) <= 2 ** layout.spatial_dims and sites_ok else "blocks"
-    # grouped / depthwise convs are memory-bound: blocks move halo-padded visible volume, dense everything
-    return "blocks" if geo.halo_ratio() * layout.visible_fraction < 1.0 else "dense"
+    if forced == "sites":
+        return "sites" if groups == 1 else "blocks"
+    # compute-bound: a valid conv over halo-padded blocks does exactly the visible sites' work, but on
+    # small cells the halo outweighs the cell and a GEMM over gathered taps is faster; grouped and
+    # depthwise convs always take blocks (a valid grouped conv of the visible blocks)
+    return "sites" if groups == 1 and math.prod(geo.cell_out) <= 2 ** spatial_dims else "blocks"
 
 
-def _packed_conv(layer: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor | None:
-    dense = layer._dense_class
-    if dense.forward not in _CONV_FORWARDS or dense._conv_forward not in _OWN_CONV_FORWARDS \
-            or layer.padding_mode != "zeros":
-        return None  # a conv with its own forward (dynamic padding, weight standardisation …): masked-dense
-    geo = conv_geometry(layer, x, layout.grid)
+_UNALIGNED = "its output is not aligned with the mask grid (a window or stride that does not divide the cell)"
+
+
+def _conv_core(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, pads, dilation, groups: int,
+               layout: PackedLayout):
+    """One zero-padded conv of a packed map: ``(y, strategy, why)`` (``y`` None: not possible packed)."""
+    nd = x.ndim - 2
+    kernel = tuple(weight.shape[2:])
+    geo = window_geometry(kernel, stride, pads, dilation, tuple(x.shape[2:]), layout.grid)
     if geo is None:
-        return None
-    strategy = _conv_strategy(layer, layout, geo)
+        return None, "dense", _UNALIGNED
+    strategy = conv_strategy(groups, geo, nd, layout.strategy)
     if strategy == "direct":
-        return _CONV[x.ndim - 2](geo.crop(x), layer.weight, layer.bias, geo.stride, 0, geo.dilation, layer.groups)
+        return _CONV[nd](geo.crop(x), weight, bias, geo.stride, 0, geo.dilation, groups), strategy, ""
     if strategy == "dense":
-        return None
+        return None, "dense", "forced (strategy='dense')"
     if all(s == 1 for s in geo.stride) and all(h >= 0 for h in geo.hi):
-        return _SubmanifoldConv.apply(x, layer.weight, layer.bias, layout, geo, layer.groups, strategy)
+        return _SubmanifoldConv.apply(x, weight, bias, layout, geo, groups, strategy), strategy, ""
     if strategy == "sites":  # strided: plain autograd (its backward scatter-adds)
-        w_mat = _weight_matrix(layer.weight).to(x.dtype)
-        return channels_last(_gemm_conv(x, w_mat, layer.bias, _site_table(layout, geo), geo.cell_out))
+        w_mat = _weight_matrix(weight).to(x.dtype)
+        return channels_last(_gemm_conv(x, w_mat, bias, _site_table(layout, geo), geo.cell_out)), strategy, ""
     block = geo.crop(layout.halo(x, geo.lo, geo.hi))
-    return _CONV[x.ndim - 2](block, layer.weight, layer.bias, geo.stride, 0, geo.dilation, layer.groups)
+    return _CONV[nd](block, weight, bias, geo.stride, 0, geo.dilation, groups), strategy, ""
 
 
-# -------------------------------------------------------------------------------- pools and norms
-def _packed_max_pool(layer: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor | None:
-    if layer._dense_class.forward not in _MAXPOOL_FORWARDS or layer.ceil_mode or layer.return_indices:
-        return None
-    geo = conv_geometry(layer, x, layout.grid)
-    if geo is None:
-        return None
-    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[layout.spatial_dims]
-    lowest = torch.finfo(x.dtype).min
-    block = geo.crop(layout.halo(x, geo.lo, geo.hi, fill=lowest)) if geo.needs_halo else geo.crop(x)
-    return channels_last(pool(block, geo.kernel, geo.stride, 0, geo.dilation))
+class _Abort(Exception):
+    pass
 
 
-def _packed_global_pool(layer: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor | None:
-    """Global pools: each sample's visible mean / max, repeated for each of its cells (so it broadcasts back)."""
-    size = layer.output_size
-    sizes = (size,) * layout.spatial_dims if isinstance(size, int) or size is None else tuple(size)
-    if layer._dense_class.forward not in _ADAPTIVE_FORWARDS or any(s != 1 for s in sizes) \
-            or getattr(layer, "return_indices", False):
-        return None
-    v = x.reshape(layout.batch, layout.visible, x.shape[1], -1)
-    if "Max" in layer._dense_class.__name__:
-        pooled = v.amax(dim=(1, 3))
-    else:
-        pooled = v.mean(dim=(1, 3))
-    return pooled.repeat_interleave(layout.visible, dim=0).view(layout.n, x.shape[1], *([1] * layout.spatial_dims))
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d}
+_HARMLESS = {"size", "dim", "ndimension", "numel", "__get__", "is_floating_point", "is_complex", "get_device"}
 
 
-def _packed_norm(layer: nn.Module, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-    dense_forward = layer._dense_class.forward
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        return synced_batch_norm(layer, x) if needs_cross_process_sync(layer) else dense_forward(layer, x)
-    y = dense_forward(layer, layout.per_sample(x))  # per-sample statistics over the sample's visible sites
-    return layout.from_per_sample(y, x.shape[2:])
+class _ConvCapture(TorchFunctionMode):
+    """Runs a conv layer's own forward on a packed map; its zero ``F.pad`` and ``F.conv`` of the input become
+    the packed conv (weights computed by the forward, e.g. standardised, keep their autograd graph)."""
+
+    def __init__(self, x: torch.Tensor, layout: PackedLayout) -> None:
+        super().__init__()
+        self.x, self.layout, self.pads, self.result, self.why = x, layout, None, None, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not args or args[0] is not self.x or self.result is not None:
+            return func(*args, **kwargs)
+        nd = self.x.ndim - 2
+        if func is F.pad:
+            call = {**dict(zip(("input", "pad", "mode", "value"), args)), **kwargs}
+            pairs = pad_pairs_of(call["pad"], nd)
+            if call.get("mode", "constant") != "constant" or call.get("value") not in (None, 0, 0.0) \
+                    or pairs is None or self.pads is not None:
+                self.why = f"it pads its input with mode='{call.get('mode', 'constant')}' (only zero padding is packed)"
+                raise _Abort
+            self.pads = pairs
+            return self.x
+        if func in _CONV_FUNCS:
+            call = {**dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args)), **kwargs}
+            kernel = tuple(call["weight"].shape[2:])
+            tup = lambda v: (v,) * nd if isinstance(v, int) else tuple(v)  # noqa: E731
+            stride, dilation = tup(call.get("stride", 1)), tup(call.get("dilation", 1))
+            pads = padding_pairs(call.get("padding", 0), kernel, dilation, stride)
+            if pads is not None and self.pads is not None:
+                pads = [(a + c, b + d) for (a, b), (c, d) in zip(pads, self.pads)]
+            y, strategy, why = _conv_core(self.x, call["weight"], call.get("bias"), stride, pads, dilation,
+                                          int(call.get("groups", 1)), self.layout)
+            if y is None:
+                self.why = why
+                raise _Abort
+            self.result, self.strategy = y, strategy
+            return y
+        if getattr(func, "__name__", "") in _HARMLESS:
+            return func(*args, **kwargs)
+        self.why = f"its forward runs {getattr(func, '__name__', func)} on its input besides one zero pad and conv"
+        raise _Abort
+
+
+def packed_conv(layer: nn.Module, x: torch.Tensor, layout: PackedLayout):
+    """A converted conv on a packed map: ``(y, strategy, why)``, ``y`` None when it must run masked-dense."""
+    dense = layer._dense_class
+    if dense.forward in _CONV_FORWARDS and dense._conv_forward in _OWN_CONV_FORWARDS:
+        if layer.padding_mode != "zeros":
+            return None, "dense", f"padding_mode='{layer.padding_mode}' (only zero padding is packed)"
+        nd = x.ndim - 2
+        tup = lambda v: (v,) * nd if isinstance(v, int) else tuple(v)  # noqa: E731
+        pads = padding_pairs(layer.padding, tuple(layer.kernel_size), tup(layer.dilation), tup(layer.stride))
+        return _conv_core(x, layer.weight, layer.bias, tup(layer.stride), pads, tup(layer.dilation), layer.groups,
+                          layout)
+    capture = _ConvCapture(x, layout)  # a forward of its own (timm Conv2dSame, StdConv2d, …)
+    try:
+        with capture:
+            y = dense.forward(layer, x)
+    except _Abort:
+        return None, "dense", capture.why
+    if capture.result is None or y is not capture.result:
+        return None, "dense", "its forward does not return one conv of its input"
+    return y, capture.strategy, "its own forward, conv packed"
 
 
 def packed_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A converted layer's forward while packed cells flow (``ctx.layout`` set): exact, and cheap where it can be."""
     ctx: MaskContext = layer._sparse_ctx
     layout: PackedLayout = ctx.layout
-    dense_forward = layer._dense_class.forward
+    y, strategy, why = None, "dense", "it is called with more than its input"
     if not args and not kwargs:
-        y = None
-        if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
-            y = _packed_conv(layer, x, layout)
-        elif isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            y = _packed_max_pool(layer, x, layout)
-        elif isinstance(layer, _ADAPTIVE):
-            y = _packed_global_pool(layer, x, layout)
-        elif isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)):
-            y = _packed_norm(layer, x, layout)
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            y, strategy, why = (None, "dense", "a transposed convolution") if layer.transposed else \
+                packed_conv(layer, x, layout)
+        elif isinstance(layer, _MAXPOOLS):
+            y, strategy, why = packed_max_pool(layer, x, layout)
+        elif isinstance(layer, _AVGPOOLS):
+            y, strategy, why = packed_avg_pool(layer, x, layout)
+        elif isinstance(layer, ADAPTIVE):
+            y, strategy, why = packed_global_pool(layer, x, layout)
+        elif isinstance(layer, _NORMS):
+            y, strategy, why = packed_norm(layer, x, layout)
         elif isinstance(layer, nn.LayerNorm):
-            y = dense_forward(layer, x)  # over channels: per site
-        if y is not None:
-            return y
-    # anything else: the masked-dense behaviour on the unpacked map, packed again (exact, not faster)
+            y, strategy, why = layer._dense_class.forward(layer, x), "direct", ""  # over channels: per site
+        else:
+            why = "a layer kind without a packed form"
+    if y is not None:
+        layout.note(layer, strategy, why)
+        return y
+    layout.note(layer, "dense", why)
+    # the masked-dense behaviour on the unpacked map, packed again (exact, not faster)
     with suspended(ctx):
         y = layer(layout.unpack(x), *args, **kwargs)
     if y.ndim == x.ndim and all(s % g == 0 and s >= g for s, g in zip(y.shape[2:], layout.grid)) \
             and math.prod(y.shape[2:]) > 1:
         return layout.pack(y)
     return y
-
-
-# -------------------------------------------------------------------------------- verification
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-@torch.no_grad()
-def packed_flow_difference(encoder: Callable[[torch.Tensor], Sequence[torch.Tensor]], network: nn.Module,
-                           ctx: MaskContext, x: torch.Tensor, mask_b1g: torch.Tensor) -> float:
-    """Largest relative difference between the packed flow's features and the masked-dense ones, in train and
-    eval mode (``inf`` when the packed flow fails); buffers, train flags and random state are left as they were.
-
-    Every covered layer is exact by construction; this catches what a network's own ``forward`` does to a
-    packed map outside covered layers (a functional global pool, a shape-dependent reshape, per-sample
-    random draws such as stochastic depth).
-    """
-    flags = {m: m.training for m in network.modules()}
-    buffers = [b.detach().clone() for b in network.buffers()]
-    worst = 0.0
-    try:
-        with torch.autocast(x.device.type, enabled=False), torch.random.fork_rng(
-                devices=[x.device] if x.device.type == "cuda" else []):
-            for training in (True, False):
-                network.train(training)
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-                with ctx.use(mask_b1g):
-                    torch.manual_seed(seed)
-                    reference = encoder(x * ctx.weights_at(x.shape[2:], x.dtype))
-                    for b, saved in zip(network.buffers(), buffers):
-                        b.copy_(saved)
-                    torch.manual_seed(seed)
-                    with packed_flow(ctx) as layout:
-                        packed = encoder(layout.pack(x))
-                    for b, saved in zip(network.buffers(), buffers):
-                        b.copy_(saved)
-                    if len(packed) != len(reference):
-                        return math.inf
-                    for p, r in zip(packed, reference):
-                        if not layout.holds(p) or tuple(p.shape[1:2]) != tuple(r.shape[1:2]):
-                            return math.inf
-                        worst = max(worst, _relative(layout.unpack(p), r))
-    except (RuntimeError, ValueError, IndexError, TypeError):
-        return math.inf  # the network's forward cannot take packed maps
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-        for b, saved in zip(network.buffers(), buffers):
-            b.copy_(saved)
-    return worst

@@ -22,6 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .compute import packed_forward
+from .pools import visible_global_pool
 from .context import MaskContext
 from .sync import needs_cross_process_sync, synced_batch_norm
 
@@ -184,10 +185,14 @@ class VisibleGlobalPooling(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         call = match_global_pool(func, args, kwargs)
-        if call is None or not self.ctx.applies_to(call[1].shape[2:]):
+        layout = getattr(self.ctx, "layout", None)
+        if call is None or not (self.ctx.applies_to(call[1].shape[2:]) or (layout is not None and layout.holds(call[1]))):
             return func(*args, **kwargs)
         kind, x, keepdim, dtype = call
         x = x if dtype is None else x.to(dtype)
+        layout = getattr(self.ctx, "layout", None)
+        if layout is not None and layout.holds(x):  # packed cells: each sample's visible sites, repeated per cell
+            return visible_global_pool(layout, x, kind, keepdim)
         dims = tuple(range(2, x.ndim))
         if kind == "max":
             visible = self.ctx.mask_at(x.shape[2:])

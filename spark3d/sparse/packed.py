@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import time
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -50,6 +51,13 @@ class PackedLayout:
         self.cell_map = cell_map.view(self.batch, *self.grid)  # packed index of each cell, -1 where masked
         self.visible_fraction = self.visible / math.prod(self.grid)
         self._tables: dict[tuple, object] = {}
+        self.plan: dict[int, tuple] | None = None  # when a dict: id(layer) -> (layer, strategy, detail), see note()
+        self.setup_s = 0.0  # seconds spent building this mask's index tables (what a fresh mask costs)
+
+    def note(self, layer: object, strategy: str, detail: str = "") -> None:
+        """Record which strategy ``layer`` ran (when a plan is being recorded; the first call of a layer wins)."""
+        if self.plan is not None and id(layer) not in self.plan:
+            self.plan[id(layer)] = (layer, strategy, detail)
 
     # ---------------------------------------------------------------------------- layout
     def holds(self, x: torch.Tensor) -> bool:
@@ -59,7 +67,9 @@ class PackedLayout:
     def table(self, key: tuple, make: Callable[[], object]) -> object:
         """A per-mask cache of derived index tables."""
         if key not in self._tables:
+            t0 = time.perf_counter()
             self._tables[key] = make()
+            self.setup_s += time.perf_counter() - t0
         return self._tables[key]
 
     def _index(self) -> tuple:
@@ -216,11 +226,20 @@ def packed_flow(ctx: MaskContext, strategy: str = "auto") -> Iterator[PackedLayo
         raise RuntimeError("packed_flow needs a mask in the context")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got '{strategy}'")
-    layout = ctx.cached(("packed-layout",), lambda: PackedLayout(ctx.mask, ctx.visible_cells))
+    def make() -> PackedLayout:
+        t0 = time.perf_counter()
+        made = PackedLayout(ctx.mask, ctx.visible_cells)
+        made.setup_s += time.perf_counter() - t0
+        return made
+
+    layout = ctx.cached(("packed-layout",), make)
     layout.strategy = strategy
     previous, ctx.layout = getattr(ctx, "layout", None), layout
+    from .stochastic import PackedRandomness  # a lower module's import would be circular
+
     try:
-        yield layout
+        with PackedRandomness(layout):  # random draws per sample / per dense site, as masked-dense makes them
+            yield layout
     finally:
         ctx.layout = previous
 

@@ -30,6 +30,9 @@ from .layout import Layout, channels_first_problem, display_name, fit, generic, 
 
 __all__ = ["TracedOp", "OpTrace", "OpRecorder"]
 
+_UNTRACED = ("takes a tensor made by an operation the probe cannot record (TorchScript, torch.vmap / torch.func, "
+             "a C++ extension), so what it does to positions is unknown")
+
 
 @dataclass(frozen=True)
 class TracedOp:
@@ -89,6 +92,7 @@ class OpRecorder(OpJudge, TorchFunctionMode):
         self.network, self.spatial_dims, self.covered, self.prefix = network, int(spatial_dims), covered, prefix
         self.trace = OpTrace()
         self._layouts = WeakIdKeyDictionary()
+        self._known = WeakIdKeyDictionary()  # tensors whose origin the probe saw (op outputs, weights, the input)
         self._stack: list[tuple[str, nn.Module, str | None, Any]] = []  # (path, module, covered kind, input layout)
         self._covered_depth = 0
         self._busy = 0
@@ -96,6 +100,10 @@ class OpRecorder(OpJudge, TorchFunctionMode):
 
     # ------------------------------------------------------------------ entering, inputs, hooks
     def __enter__(self) -> "OpRecorder":
+        for module in self.network.modules():  # tensors that exist before the probe: weights, buffers, attributes
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False),
+                      *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]:
+                self._known[t] = True
         for name, module in self.network.named_modules():
             path = ".".join(p for p in (self.prefix, name) if p)
             kind = self.covered(module)
@@ -114,6 +122,7 @@ class OpRecorder(OpJudge, TorchFunctionMode):
     def input(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """Mark ``x`` as the network input: ``(B, C, *S)`` (or ``(B, *S, C)``); returns it."""
         self._layouts[x] = self._canonical(x, channels_last)
+        self._known[x] = True
         return x
 
     @staticmethod
@@ -153,6 +162,10 @@ class OpRecorder(OpJudge, TorchFunctionMode):
             else:
                 return
             outs = tensors_in(output)
+            if kind is None and not self._covered_depth:
+                self._untraced(path, module, outs, "its output")
+            for t in outs:
+                self._known[t] = True
             if kind is None or self._covered_depth or layout is None or not outs:
                 return
             out = outs[0]
@@ -181,6 +194,13 @@ class OpRecorder(OpJudge, TorchFunctionMode):
             self._layouts[t] = fit(layout, t.shape) if len(layout) == t.ndim else generic(
                 t.shape, any(has_positions(a) for a in layout))
 
+    def _untraced(self, path: str, module: nn.Module, tensors: list, what: str) -> None:
+        """Refuse where a tensor comes from an operation the probe could not record (it cannot follow positions)."""
+        if any(t not in self._known and t not in self._layouts and t.numel() > 1 for t in tensors):
+            self._record(path, module, what, "refused", _UNTRACED)
+            for t in tensors:
+                self._known[t] = True  # one refusal per cause
+
     def _positional(self, layout: Layout | None) -> bool:
         return layout is not None and any(has_positions(a) for a in layout)
 
@@ -189,9 +209,16 @@ class OpRecorder(OpJudge, TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self._busy or self._covered_depth:
+            for t in tensors_in(out):
+                self._known[t] = True
             return out
         self._busy += 1
         try:
+            if self._stack:
+                self._untraced(self._stack[-1][0], self._stack[-1][1],
+                               tensors_in(args) + tensors_in(list(kwargs.values())), display_name(func))
+            for t in tensors_in(out):
+                self._known[t] = True
             self._observe(func, args, kwargs, out)
         except Exception as err:  # never let a gap in the analysis pass silently
             ins = [self._layouts.get(t) for t in tensors_in(args)]
