@@ -3,20 +3,25 @@
 block-wise mask on the stride-16 token grid → masked conv stages (visible sites only) → transformer on
 the visible tokens only → multi-scale fusion → MAE decoder (mask tokens, sin-cos positions) → norm-pix
 loss on masked tokens. The whole method reads in :class:`ConvMAE`; the network is
-:class:`spark3d.backbones.hybrid.HybridEncoder`, its conv part made sparse by :mod:`spark3d.sparse`.
+:class:`spark3d.backbones.hybrid.HybridEncoder`. Its conv part computes either on the visible cells only
+(``compute="sparse"``, :mod:`spark3d.backbones.hybrid_sparse`) or masked-dense (the converted layers of
+:mod:`spark3d.sparse` on whole maps, masked sites zeroed after every layer); both give the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from typing import Any, Sequence
+import sys
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..backbones import BackboneSpec, build_network
 from ..backbones.hybrid import HybridEncoder, preset, sincos_position_embedding, tokens_of, transformer_block
+from ..backbones.hybrid_sparse import cell_layout, conv_stages, sparse_problem, token_parts
 from ..errors import ConfigError
 from ..masking import mask_grid, random_mask
 from ..sparse import MaskContext, sparsify
@@ -25,7 +30,9 @@ from .common import (
     reconstruct_from_patches, unpatchify,
 )
 
-__all__ = ["ConvMAE"]
+__all__ = ["ConvMAE", "COMPUTE_MODES"]
+
+COMPUTE_MODES = ("auto", "sparse", "masked-dense")
 
 
 class ConvMAE(MaskedModelingMethod):
@@ -38,6 +45,13 @@ class ConvMAE(MaskedModelingMethod):
         decoder_width, decoder_depth, decoder_heads: the MAE decoder (ConvMAE-B: 512, 8, 16).
         mlp_ratio: MLP width of the decoder blocks relative to ``decoder_width``.
         norm_pix_loss: normalise each target patch by its own mean and variance (off: raw MSE).
+        compute: how the conv part computes under a mask. ``"sparse"``: only the visible cells flow through
+            stages 1-2, the token embedding and the fusion convs (work follows the visible fraction; with
+            every token visible, whole maps through the same code). ``"masked-dense"``: the whole maps with
+            masked sites zeroed after every layer. ``"auto"`` (default): sparse, the faster at every mask
+            ratio (the dense depthwise conv's weight gradient is torch's slow part), unless the network's
+            conv part is not the structure the sparse code knows (a replaced module, a hook): then
+            masked-dense, said in one line. Both compute the same numbers.
     """
 
     def __init__(
@@ -50,8 +64,13 @@ class ConvMAE(MaskedModelingMethod):
         decoder_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
+        compute: str = "auto",
     ) -> None:
         super().__init__()
+        if compute not in COMPUTE_MODES:
+            raise ConfigError(f"compute must be one of {', '.join(COMPUTE_MODES)}, got '{compute}'")
+        self.compute = compute
+        self._said: str | None = None  # the last path line printed (auto says which path it takes, once)
         if not isinstance(encoder, HybridEncoder):
             raise TypeError(f"ConvMAE needs a HybridEncoder (a 'hybrid' backbone), got {type(encoder).__name__}")
         input_size = tuple(int(s) for s in input_size)
@@ -130,12 +149,60 @@ class ConvMAE(MaskedModelingMethod):
         with self.ctx.use(mask):
             return self.ctx.visible_index(self.mask_grid)[:, 0]
 
+    # ---------------------------------------------------------------------------------- compute path
+    def compute_plan(self, mask: torch.Tensor) -> dict[str, Any]:
+        """How the conv part computes under ``mask``: ``path`` (``sparse`` / ``masked-dense``), ``reason``, and for
+        sparse the ``layout`` (``visible cells`` of the token grid, or ``whole maps`` when every token is visible)
+        with its ``cells`` per sample. ``compute="sparse"`` on a network the sparse code does not know: an error."""
+        if self.compute == "masked-dense":
+            return {"path": "masked-dense", "reason": "compute='masked-dense'"}
+        problem = sparse_problem(self.encoder)
+        if problem is not None:
+            if self.compute == "sparse":
+                raise ConfigError(f"compute='sparse' cannot run: {problem}; use compute='masked-dense'")
+            return {"path": "masked-dense", "reason": problem}
+        visible, total = int(mask[0].sum()), mask[0].numel()
+        whole = visible == total
+        return {"path": "sparse", "reason": f"compute='{self.compute}'", "layout": "whole maps" if whole else "visible cells",
+                "cells": 1 if whole else visible, "visible_tokens": visible, "tokens": total}
+
+    def compute_path(self, mask: torch.Tensor) -> str:
+        """``"sparse"`` or ``"masked-dense"`` under ``mask``; ``compute="auto"`` says its choice in one line (once)."""
+        plan = self.compute_plan(mask)
+        if self.compute == "auto":
+            line = ("spark3d: ConvMAE computes sparse (conv stages, token embedding and fusion on the visible cells only)"
+                    if plan["path"] == "sparse" else f"spark3d: ConvMAE computes masked-dense: {plan['reason']}")
+            if line != self._said:
+                print(line, file=sys.stderr)
+                self._said = line
+        return plan["path"]
+
+    def compute_modes(self) -> tuple[str, ...]:
+        return ("masked-dense", "sparse")
+
+    @contextlib.contextmanager
+    def computing(self, mode: str) -> Iterator[None]:
+        if mode not in self.compute_modes():
+            raise ValueError(f"ConvMAE computes {self.compute_modes()}, not '{mode}'")
+        previous, self.compute = self.compute, mode
+        try:
+            yield
+        finally:
+            self.compute = previous
+
     # ---------------------------------------------------------------------------------- encoder
     def forward_conv_stages(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked convolution: stages 1 and 2 on the visible sites only (masked sites exactly zero after every layer)."""
+        """Masked convolution: the stride-4 and stride-8 features on the visible sites only (masked sites zero)."""
         with self.ctx.use(mask):
+            if self.compute_path(mask) == "sparse":
+                layout = self._layout()
+                return tuple(layout.unpack(f) for f in conv_stages(self.encoder, layout.pack(x), layout))
             f4 = self.encoder.stage1(mask_input(x, mask))
             return f4, self.encoder.stage2(f4)
+
+    def _layout(self):
+        """The packed layout of the context's current mask (made once per mask)."""
+        return self.ctx.cached(("hybrid-cells",), lambda: cell_layout(self.ctx.mask, self.ctx.visible_cells))
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The fused visible tokens ``(B, K, D)`` of ``x`` under ``mask`` (None: every token visible)."""
@@ -143,13 +210,18 @@ class ConvMAE(MaskedModelingMethod):
         mask = self.full_mask(x.shape[0]) if mask is None else mask.to(x.device)
         enc = self.encoder
         with self.ctx.use(mask):
-            f4, f8 = self.forward_conv_stages(x, mask)
             idx_bk = self.visible_index(mask)
-            gather = lambda t_bcg: _gather(tokens_of(t_bcg), idx_bk)  # noqa: E731
+            if self.compute_path(mask) == "sparse":  # only the visible cells flow through the conv part
+                layout = self._layout()
+                f4, f8 = conv_stages(enc, layout.pack(x), layout)
+                embedded_bkd, fusion_bkd = token_parts(enc, f4, f8, layout)
+            else:
+                f4, f8 = self.forward_conv_stages(x, mask)
+                gather = lambda t_bcg: _gather(tokens_of(t_bcg), idx_bk)  # noqa: E731
+                embedded_bkd, fusion_bkd = gather(enc.stage3.embed(f8)), gather(enc.fuse1(f4) + enc.fuse2(f8))
             pos_bkd = sincos_position_embedding(self.mask_grid, enc.stage3.dim, device=x.device)[idx_bk]
-            tokens_bkd = enc.stage3.forward_tokens(gather(enc.stage3.embed(f8)), pos_bkd)  # visible tokens only
-            fused_bkd = tokens_bkd + gather(enc.fuse1(f4) + enc.fuse2(f8))  # multi-scale fusion
-        return enc.norm(fused_bkd)
+            tokens_bkd = enc.stage3.forward_tokens(embedded_bkd, pos_bkd)  # visible tokens only
+        return enc.norm(tokens_bkd + fusion_bkd)  # multi-scale fusion
 
     # ---------------------------------------------------------------------------------- decoder
     def decode(self, tokens_bkd: torch.Tensor, idx_bk: torch.Tensor) -> torch.Tensor:
