@@ -13,6 +13,17 @@ from spark3d.backbones.hybrid import tokens_of
 from spark3d.errors import ConfigError
 from spark3d.masking import upsample_mask
 
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread on a shared machine: run this file's steps on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (spatial dims, channels, input size): token grids 3x3x2 and 4x3, so cells have visible and masked neighbours
 CASES = {"3d": (3, 1, (48, 48, 32)), "2d": (2, 3, (64, 48)), "3d-small": (3, 1, (32, 32, 32))}
 
