@@ -43,11 +43,13 @@ def test_benchmark_runs_convmae_with_its_visible_token_saving(tmp_path, capsys):
     assert main(["benchmark", "--config", str(CONFIGS / "demo_convmae_ct.yaml"), "--size", "32", "--batch", "2",
                  "--repeats", "1", "--warmup", "0", "--no-memory", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["modes"]) == {"dense", "masked"}
+    assert set(report["modes"]) == {"dense", "masked-dense", "sparse"}
     assert all(r["error"] is None and r["median_s"] > 0 for r in report["modes"].values())
-    # the transformer sees a quarter of the tokens: the masked encoder does less work than the dense one
-    assert report["ratios"]["masked/dense"]["encoder_flops"] < 0.9
-    assert "| masked |" in capsys.readouterr().out
+    # the transformer sees a quarter of the tokens: the masked encoder does less work than the dense one,
+    # and the sparse conv part less than the masked-dense one
+    assert report["ratios"]["masked-dense/dense"]["encoder_flops"] < 0.9
+    assert report["ratios"]["sparse/masked-dense"]["encoder_flops"] < 0.9
+    assert "| sparse |" in capsys.readouterr().out
 
 
 def test_benchmark_reports_a_bad_config_in_one_line(tmp_path, capsys):
