@@ -54,6 +54,11 @@ def num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or value != value else f"{value:.{digits}f}"
 
 
+def gflop(value: float | None) -> str:
+    """GFLOP with one decimal, two below 1 (so a small decoder does not read as zero)."""
+    return num(value, 1 if value is None or value != value or value >= 1 else 2)
+
+
 def mean_sd(values: list[float]) -> str:
     """``mean ± sample sd`` (ddof 1) over seeds."""
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
@@ -159,7 +164,7 @@ def render_perf_encoder(results: Path) -> str:
         ratio = r["ratios"].get("sparse/masked-dense", {})
         lines.append(f"| {r['name']} | {setting(r)} | {num(md['median_s'])} | {num(sp['median_s'])} | "
                      f"**{num(ratio.get('time'))}** | {num(md['peak_mb'], 0)} | {num(sp['peak_mb'], 0)} | "
-                     f"**{num(ratio.get('memory'))}** | {num(md['encoder_gflop'], 1)} → {num(sp['encoder_gflop'], 1)} |")
+                     f"**{num(ratio.get('memory'))}** | {gflop(md['encoder_gflop'])} → {gflop(sp['encoder_gflop'])} |")
         sources.append(f"- {source(path, r)}")
     return "\n".join(lines + ["", "Medians of each file's `repeats` after warm-up; sources:", *sources]) + "\n"
 
@@ -178,8 +183,8 @@ def render_perf_step(results: Path) -> str:
         before, after = json.loads(b_path.read_text()), json.loads(a_path.read_text())
         b, a = before["modes"]["masked-dense"], after["modes"]["sparse"]
         lines.append(f"| {before['name']} | {setting(before)} | {num(b['median_s'])} | {num(a['median_s'])} | "
-                     f"**{num(b['median_s'] / a['median_s'], 1)}×** | {num(b['decoder_gflop'], 1)} → "
-                     f"{num(a['decoder_gflop'], 1)} ({num(b['encoder_gflop'], 1)}) |")
+                     f"**{num(b['median_s'] / a['median_s'], 1)}×** | {gflop(b['decoder_gflop'])} → "
+                     f"{gflop(a['decoder_gflop'])} ({gflop(b['encoder_gflop'])}) |")
         sources += [f"- {source(b_path, before)}", f"- {source(a_path, after)}"]
     return "\n".join(lines + ["", "Sources:", *sources]) + "\n"
 
