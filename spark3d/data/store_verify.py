@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,7 +24,7 @@ def volume_problem(root: Path, vid: str, record: dict[str, Any], full: bool = Tr
     try:  # the header first: a pickle or a truncated file is named as such
         open_volume(path, record["shape"], record["dtype"])
     except DataError as err:
-        return str(err).split(" is refused: ", 1)[-1].split("; re-run")[0]
+        return re.split(r"[:;] re-run", str(err).split(" is refused: ", 1)[-1])[0]
     if path.stat().st_size != record["bytes"]:
         return f"{path.stat().st_size} bytes, the manifest says {record['bytes']}"
     own = path.with_suffix(".json")
