@@ -401,10 +401,10 @@ class CTStore:
         (its header: no voxel is read; ``store_verify.verify_store`` compares full hashes)."""
         for record in self.manifest["volumes"].values():
             path = self.root / record["file"]
-            if path.is_file() and path.stat().st_size != record["bytes"]:
+            open_volume(path, record["shape"], record["dtype"])  # first: it names a pickle or a truncation as such
+            if path.stat().st_size != record["bytes"]:
                 raise DataError(f"store volume {path} is {path.stat().st_size} bytes, the manifest says "
                                 f"{record['bytes']}: re-run spark3d preprocess on the store (it redoes it)")
-            open_volume(path, record["shape"], record["dtype"])
 
 
 def open_store(root: str | Path) -> CTStore:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -20,12 +21,12 @@ def volume_problem(root: Path, vid: str, record: dict[str, Any], full: bool = Tr
     path = root / record["file"]
     if not path.is_file():
         return "missing"
-    if path.stat().st_size != record["bytes"]:
-        return f"{path.stat().st_size} bytes, the manifest says {record['bytes']}"
-    try:
+    try:  # the header first: a pickle or a truncated file is named as such
         open_volume(path, record["shape"], record["dtype"])
     except DataError as err:
-        return str(err).split(": ", 1)[-1]
+        return re.split(r"[:;] re-run", str(err).split(" is refused: ", 1)[-1])[0]
+    if path.stat().st_size != record["bytes"]:
+        return f"{path.stat().st_size} bytes, the manifest says {record['bytes']}"
     own = path.with_suffix(".json")
     try:
         if json.loads(own.read_text()).get("sha256") != record["sha256"]:
