@@ -21,9 +21,10 @@ from pytorch_lightning.plugins.io import CheckpointIO
 
 from ..checkpoint import read_encoder, read_lightning_checkpoint, safe_loading
 from ..data.contract import Spark3dDataModule
-from ..errors import DataError, Spark3dError, find_user_error
+from ..errors import ConfigError, DataError, Spark3dError, find_user_error
 from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, ResumeState, SafeCheckpointIO
 from ..train.pretrain import PretrainModule
+from .configs import explain_parse_error, prepare_config_args
 from .runs import check_axes, check_resume, refuse_used_folder, remove_run_files, resolve_ckpt_path
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
@@ -162,6 +163,25 @@ class Spark3dCLI(LightningCLI):
     checkpoint: dict[str, Any] | None = None
     prechecked = False  # ckpt_path, checkpoint and the run folder were checked before anything was built
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse with each ``--config`` read once (a run's config.yaml accepted: run-only keys dropped), and a
+        parse error turned into one line with the real reason first (a ConfigError)."""
+        accepted = {a.dest.split(".")[0] for a in parser._actions}
+        prog = parser.prog
+        if isinstance(args, (list, tuple)):
+            args = prepare_config_args(list(args), accepted, prog)
+        try:
+            super().parse_arguments(parser, args)
+        except (argparse.ArgumentError, TypeError, ValueError) as err:
+            user = find_user_error(err)
+            if user is not None:
+                raise user from None
+            options = [o for a in parser._actions for o in a.option_strings]
+            line = explain_parse_error(err, prog, options)
+            if line is None:
+                raise
+            raise ConfigError(line) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from or to evaluate ('last' = the run directory's last.ckpt)")
@@ -255,6 +275,9 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
         user = find_user_error(err)
         if user is not None:
             raise user from None
+        line = explain_parse_error(err, prog)
+        if line is not None:
+            raise ConfigError(line) from None
         print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
         return None
 
