@@ -158,7 +158,7 @@ def predict(module, data_module: SegmentationData, ckpt_path: str | None, source
     files = _inputs(source)
     check_predict_plan(source, out, files)
     for f in files:
-        check_volume(f, channels=data_module.in_channels, full=True)
+        check_volume(f, channels=data_module.in_channels, full=True, spacing=data_module.spacing)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = data_module.read_label_names()

@@ -25,10 +25,11 @@ from ..errors import ConfigError, DataError, Spark3dError, find_user_error
 from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, ResumeState, SafeCheckpointIO
 from ..train.pretrain import PretrainModule
 from .configs import explain_parse_error, prepare_config_args
+from .values import check_config_values
 from .runs import check_axes, check_resume, refuse_used_folder, remove_run_files, resolve_ckpt_path
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
-           "prepare_data", "precheck_run", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
+           "prepare_data", "precheck_run", "name_link_source", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
 
 PRETRAIN_LINKS = {"data.init_args.roi_size": "model.init_args.input_size"}
 SEGMENTATION_LINKS = {"data.init_args.roi_size": "model.init_args.roi_size",
@@ -208,6 +209,7 @@ class Spark3dCLI(LightningCLI):
         """Refuse, before anything is built or written: per-axis values of the wrong length, an unsafe or
         unreadable pretrained ``encoder.pt`` or ``--ckpt_path`` and, for training, a run folder holding another run."""
         config = self.config
+        check_config_values(config)
         check_axes(config)
         pretrained = self._get(config, "model", default={}).get("init_args", {}).get("pretrained")
         if pretrained:
@@ -274,12 +276,26 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
     except (argparse.ArgumentError, ValueError) as err:
         user = find_user_error(err)
         if user is not None:
-            raise user from None
+            raise name_link_source(user, kw.get("links") or PRETRAIN_LINKS) from None
         line = explain_parse_error(err, prog)
         if line is not None:
             raise ConfigError(line) from None
         print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
         return None
+
+
+def name_link_source(err: Spark3dError, links: dict[str, str]) -> Spark3dError:
+    """``err`` naming the key the user set (``data.init_args.roi_size``) where it names the model option linked to
+    it (``input size``/``input_size``)."""
+    message = str(err)
+    for source, target in links.items():
+        leaf = target.rsplit(".", 1)[-1]
+        if source.rsplit(".", 1)[-1] == leaf:
+            continue
+        for form in (target, leaf, leaf.replace("_", " ")):
+            if form in message:
+                return type(err)(message.replace(form, f"{source} (the model's {leaf})", 1))
+    return err
 
 
 def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, dict[str, Any] | None]:
