@@ -26,7 +26,7 @@ from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, Re
 from ..train.pretrain import PretrainModule
 from .configs import explain_parse_error, prepare_config_args
 from .values import check_config_values
-from .runs import check_axes, check_resume, refuse_used_folder, remove_run_files, resolve_ckpt_path
+from .runs import check_axes, check_resume, refuse_used_folder, remove_run_files, resolve_ckpt_path, used_run_files
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
            "prepare_data", "precheck_run", "name_link_source", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
@@ -219,6 +219,9 @@ class Spark3dCLI(LightningCLI):
             self.ckpt_path, self.checkpoint = precheck_run(root, config.get("ckpt_path"), bool(config.get("overwrite")))
             self.prechecked = True
         elif config.get("ckpt_path"):
+            if config.get("ckpt_path") == "last":  # the run folder's latest state, as for a resume
+                config["ckpt_path"] = str(Path(config.get("trainer.default_root_dir") or "runs/default")
+                                          / "checkpoints" / "last.ckpt")
             read_lightning_checkpoint(config.get("ckpt_path"))  # refused before anything is built
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -300,7 +303,16 @@ def name_link_source(err: Spark3dError, links: dict[str, str]) -> Spark3dError:
 
 def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, dict[str, Any] | None]:
     """``--ckpt_path`` resolved and read weights-only, and the run folder free for this run (or overwritten,
-    or resumed); errors before anything is written."""
+    or resumed); errors before anything is written. A folder whose run left no checkpoint to resume is one
+    message whether ``--ckpt_path last`` is given or not."""
+    found = used_run_files(root) if not overwrite and ckpt_path in (None, "last") else []
+    last = root / "checkpoints" / "last.ckpt"
+    if found and not last.is_file() and (ckpt_path == "last" or not any((root / "checkpoints").glob("*.ckpt"))):
+        ckpts = [f for f in found if f.endswith(".ckpt")]
+        raise ConfigError(f"run folder {root} holds a run ({', '.join(found[:3])}) but no {last.name} to resume from "
+                          "(it stopped before its first checkpoint)" + (f": resume from --ckpt_path {root / ckpts[0]}, "
+                          "or" if ckpts else ":") + " start it afresh with --overwrite true, or choose another "
+                          "--trainer.default_root_dir")
     path = resolve_ckpt_path(ckpt_path, root)
     checkpoint = read_lightning_checkpoint(path) if path else None
     if not overwrite:

@@ -13,6 +13,7 @@ from monai.networks.utils import one_hot
 from pytorch_lightning.utilities import rank_zero_info
 
 from ..backbones import BackboneSpec
+from ..checkpoint import LABEL_NAMES_KEY
 from ..data.segmentation import SegmentationData
 from ..networks import build_segmentation_network, encoder_children, encoder_parameter_levels, load_pretrained_encoder
 from .optim import check_optim_values, warmup_cosine_scheduler
@@ -89,6 +90,9 @@ class SegmentationModule(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if isinstance(dm, SegmentationData) and len(dm.label_names) == self.hparams.num_classes:
             self.label_names = list(dm.label_names)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LABEL_NAMES_KEY] = list(self.label_names)  # inference needs no datalist to name the classes
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch > self.hparams.freeze_encoder_epochs:
