@@ -39,7 +39,7 @@ def mask_grid(input_size: Sequence[int], stride: int | Sequence[int]) -> tuple[i
     bad = [(i, s, t) for i, (s, t) in enumerate(zip(input_size, stride)) if s % t != 0 or s < t]
     if bad:
         axis, size, step = bad[0]
-        raise ValueError(
+        raise ConfigError(
             f"input size {input_size} is not divisible by the encoder's total stride {stride} "
             f"(axis {axis}: {size} % {step} != 0); choose an input size that is a multiple of {stride}"
         )

@@ -282,7 +282,7 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
             raise name_link_source(user, kw.get("links") or PRETRAIN_LINKS) from None
         line = explain_parse_error(err, prog)
         if line is not None:
-            raise ConfigError(line) from None
+            raise name_link_source(ConfigError(line), kw.get("links") or PRETRAIN_LINKS) from None
         print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
         return None
 
