@@ -156,17 +156,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def _pretrain_data_module(config_path: str, overrides: list[str]):
     """The CT data module a pretraining config describes, with ``--data.init_args.KEY VALUE`` overrides."""
-    from pathlib import Path
-
     import yaml
 
     from ..data.ct import CTPretrainData
     from ..errors import ConfigError, Spark3dError
+    from .configs import read_config_file
 
-    try:
-        config = yaml.safe_load(Path(config_path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {config_path}: {err}") from None
+    config = read_config_file(config_path, prog="spark3d preprocess")  # a run's config.yaml too
     data = config.get("data") or {}
     class_path = str(data.get("class_path", ""))
     if class_path.split(".")[-1] != CTPretrainData.__name__:
