@@ -91,7 +91,8 @@ def prepare_config_args(args: list[str], accepted: Iterable[str], prog: str) -> 
                 value, i = args[i + 1], i + 2
             else:
                 value, i = arg.split("=", 1)[1], i + 1
-            content = read_config_file(value, accepted, prog) if not value.lstrip().startswith(("{", "[")) else None
+            inline = not Path(value).exists() and (value.lstrip().startswith(("{", "[")) or "\n" in value or ": " in value)
+            content = None if inline else read_config_file(value, accepted, prog)  # YAML text goes on as it is
             if content is not None:
                 lost = [opt for opt in seen if opt.removeprefix("--") in _set_keys(content)]
                 if lost:
