@@ -32,7 +32,9 @@ from .errors import CheckpointError, UnsafeFileError, find_os_error
 
 __all__ = ["ENCODER_FORMAT", "ENCODER_FILE", "SAFE_GLOBALS", "safe_loading", "load_weights_only", "unsafe_globals",
            "atomic_save", "nonfinite_tensors", "write_encoder", "read_encoder", "check_encoder_meta",
-           "load_encoder_state", "read_lightning_checkpoint", "CheckpointError"]
+           "load_encoder_state", "read_lightning_checkpoint", "CheckpointError", "LABEL_NAMES_KEY"]
+
+LABEL_NAMES_KEY = "spark3d_label_names"  # a fine-tuning checkpoint's class names: inference needs no datalist
 
 ENCODER_FORMAT = "spark3d-encoder-v1"
 ENCODER_FILE = "encoder.pt"
@@ -97,6 +99,9 @@ def load_weights_only(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; a file that needs code to load, or cannot be read, is a
     one-line :class:`CheckpointError` naming ``what``, the file and the offending object. Nothing of the file runs."""
     path = Path(path)
+    if path.is_dir():
+        example = path / "encoder.pt" if "encoder" in what else path / "checkpoints" / "last.ckpt"
+        raise CheckpointError(f"{what} {path} is a folder; expected a file (e.g. {example})")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
     try:

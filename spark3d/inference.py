@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,12 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from .checkpoint import read_lightning_checkpoint
+from .checkpoint import LABEL_NAMES_KEY, read_lightning_checkpoint
 from .data.datalist import NIFTI_SUFFIXES, check_volume, load_datalist
 from .data.segmentation import SegmentationData
 from .errors import CheckpointError, DataError
 
-__all__ = ["load_checkpoint", "predict_volume", "evaluate", "predict", "dice_per_class"]
+__all__ = ["load_checkpoint", "label_names", "predict_volume", "evaluate", "predict", "dice_per_class"]
 
 
 def load_checkpoint(module: torch.nn.Module, ckpt_path: str | None) -> None:
@@ -39,7 +40,28 @@ def load_checkpoint(module: torch.nn.Module, ckpt_path: str | None) -> None:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this config's network "
                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]})")
+    names = state.get(LABEL_NAMES_KEY)
+    if isinstance(names, list) and hasattr(module, "label_names") and len(names) == len(module.label_names):
+        module.label_names = [str(n) for n in names]
+        module.label_names_from_checkpoint = True
     module.eval()
+
+
+def label_names(module, data_module: SegmentationData, datalist: str | None = None) -> list[str]:
+    """The class names: the checkpoint's, else the ``labels`` of ``datalist`` (or the config's) when that file
+    exists, else ``class<i>`` — said in one line then."""
+    if getattr(module, "label_names_from_checkpoint", False):
+        return list(module.label_names)
+    source = datalist or data_module.datalist
+    if source and Path(source).is_file():
+        try:
+            labels = json.loads(Path(source).read_text()).get("labels", {})
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise DataError(f"cannot read datalist {source}: {err}") from None
+        return [str(labels.get(str(i), f"class{i}")) for i in range(module.hparams.num_classes)]
+    print(f"spark3d: the checkpoint names no classes and datalist {source} is absent: classes are named class0.."
+          f"class{module.hparams.num_classes - 1}", file=sys.stderr)
+    return [f"class{i}" for i in range(module.hparams.num_classes)]
 
 
 def _case_name(path: str | list[str]) -> str:
@@ -81,15 +103,16 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(module, data_module: SegmentationData, ckpt_path: str | None, out: str, split: str = "validation") -> dict[str, Any]:
+def evaluate(module, data_module: SegmentationData, ckpt_path: str | None, out: str, split: str = "validation",
+             datalist: str | None = None) -> dict[str, Any]:
     """Per-case, per-organ Dice at the original resolution → ``out/dice_per_case.csv`` and ``out/summary.json``.
-    The checkpoint is read (weights-only) first, then every case of ``split`` is checked, before anything runs."""
+    The checkpoint is read (weights-only) first, then every case of ``split`` of ``datalist`` (default: the
+    config's) is checked, before anything runs; no other list (the training one) needs to exist."""
     load_checkpoint(module, ckpt_path)
-    data_module.validate(need_validation=False)
-    cases = load_datalist(data_module.datalist, split, keys=("image", "label"))
+    cases = load_datalist(datalist or data_module.datalist, split, keys=("image", "label"))
     for case in cases:
         data_module.check_case(case)
-    names = list(data_module.label_names or [f"class{i}" for i in range(module.hparams.num_classes)])
+    names = label_names(module, data_module, datalist)
     rows = []
     for case in cases:
         pred = predict_volume(module, data_module, case["image"])
@@ -158,10 +181,10 @@ def predict(module, data_module: SegmentationData, ckpt_path: str | None, source
     files = _inputs(source)
     check_predict_plan(source, out, files)
     for f in files:
-        check_volume(f, channels=data_module.in_channels, full=True)
+        check_volume(f, channels=data_module.in_channels, full=True, spacing=data_module.spacing)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = data_module.read_label_names()
+    names = label_names(module, data_module)
     window = data_module.metadata()["intensity_range"]  # None for MRI: the overlay uses percentiles
     written = []
     for f in files:

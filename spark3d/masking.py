@@ -12,7 +12,10 @@ from typing import Sequence
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = [
+    "check_mask_ratio",
     "mask_grid",
     "num_visible",
     "random_mask",
@@ -36,11 +39,20 @@ def mask_grid(input_size: Sequence[int], stride: int | Sequence[int]) -> tuple[i
     bad = [(i, s, t) for i, (s, t) in enumerate(zip(input_size, stride)) if s % t != 0 or s < t]
     if bad:
         axis, size, step = bad[0]
-        raise ValueError(
+        raise ConfigError(
             f"input size {input_size} is not divisible by the encoder's total stride {stride} "
             f"(axis {axis}: {size} % {step} != 0); choose an input size that is a multiple of {stride}"
         )
     return tuple(s // t for s, t in zip(input_size, stride))
+
+
+def check_mask_ratio(mask_ratio: float, what: str = "mask_ratio") -> float:
+    """``mask_ratio`` strictly between 0 and 1 (0 masks nothing: the loss is 0 and nothing is learnt; 1 leaves
+    nothing visible); ConfigError naming ``what`` otherwise."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 < mask_ratio < 1.0:
+        raise ConfigError(f"{what} is {mask_ratio}; expected a fraction strictly between 0 and 1 (0 masks nothing, "
+                          "so there is nothing to learn; 1 leaves nothing visible)")
+    return float(mask_ratio)
 
 
 def num_visible(grid: Sequence[int], mask_ratio: float) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["run_pretrain", "run_finetune", "run_evaluate", "run_predict", "run_export_bundle", "run_export_nnunet",
@@ -20,8 +21,9 @@ def run_pretrain(argv: list[str]) -> int:
     if cli is None:
         return 2
     code = run_fit(cli, "pretraining")
-    if code == 0 and cli.trainer.is_global_zero:
-        print(f"  encoder: {cli.trainer.default_root_dir}/encoder.pt", file=sys.stderr)
+    encoder = f"{cli.trainer.default_root_dir}/encoder.pt"
+    if cli.trainer.is_global_zero and os.path.isfile(encoder):
+        print(f"  encoder: {encoder}", file=sys.stderr)
     return code
 
 
@@ -59,10 +61,14 @@ def run_evaluate(argv: list[str]) -> int:
     cli = _inference_cli("spark3d evaluate", argv, {"--out": {"type": str, "required": True,
                                                                "help": "folder for dice_per_case.csv and summary.json"},
                                                      "--split": {"type": str, "default": "validation",
-                                                                 "help": "datalist key to evaluate"}})
+                                                                 "help": "datalist key to evaluate"},
+                                                     "--input": {"type": str | None, "default": None,
+                                                                 "help": "a datalist JSON to evaluate (its --split "
+                                                                 "cases); default: the config's data datalist"}})
     if cli is None:
         return 2
-    summary = evaluate(cli.model, cli.datamodule, cli.config["ckpt_path"], cli.config["out"], cli.config["split"])
+    summary = evaluate(cli.model, cli.datamodule, cli.config["ckpt_path"], cli.config["out"], cli.config["split"],
+                       cli.config["input"])
     print(summary["table"])
     return 0
 
@@ -183,17 +189,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def _pretrain_data_module(config_path: str, overrides: list[str]):
     """The CT data module a pretraining config describes, with ``--data.init_args.KEY VALUE`` overrides."""
-    from pathlib import Path
-
     import yaml
 
     from ..data.ct import CTPretrainData
     from ..errors import ConfigError, Spark3dError
+    from .configs import read_config_file
 
-    try:
-        config = yaml.safe_load(Path(config_path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {config_path}: {err}") from None
+    config = read_config_file(config_path, prog="spark3d preprocess")  # a run's config.yaml too
     data = config.get("data") or {}
     class_path = str(data.get("class_path", ""))
     if class_path.split(".")[-1] != CTPretrainData.__name__:
@@ -275,6 +277,31 @@ def run_preprocess(argv: list[str]) -> int:
     return 0
 
 
+def _check_benchmark_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built or measured: counts below 1, a mask ratio outside (0, 1), a --json whose
+    folder does not exist."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..masking import check_mask_ratio
+
+    for name, value, low in (("--batch", args.batch, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                             ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name} is {value}; expected an integer >= {low}")
+    if args.size is not None and any(s < 1 for s in args.size):
+        raise ConfigError(f"--size is {args.size}; expected voxels >= 1 per axis")
+    if args.mask_ratio is not None:
+        check_mask_ratio(args.mask_ratio, "--mask-ratio")
+    if args.json:
+        folder = Path(args.json).absolute().parent
+        if not folder.is_dir():
+            raise ConfigError(f"--json {args.json}: folder {folder} does not exist (the report would be lost after "
+                              "the benchmark ran)")
+        if Path(args.json).is_dir():
+            raise ConfigError(f"--json {args.json} is a folder; expected a file name")
+
+
 def run_benchmark(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="spark3d benchmark",
@@ -314,6 +341,7 @@ def run_benchmark(argv: list[str]) -> int:
         raise ConfigError(f"--method-args / --backbone-kwargs must be JSON: {err}") from None
     if args.decoder:
         method_args["decoder"] = args.decoder
+    _check_benchmark_args(args)
     spec = BenchmarkSpec(config=args.config, method=args.method, backbone=args.backbone, source=args.source,
                          spatial_dims=2 if args.source == "timm" else args.spatial_dims,
                          in_channels=args.in_channels or (3 if args.source == "timm" else 1),

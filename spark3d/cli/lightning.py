@@ -21,17 +21,19 @@ from pytorch_lightning.plugins.io import CheckpointIO
 
 from ..checkpoint import read_encoder, read_lightning_checkpoint, safe_loading
 from ..data.contract import Spark3dDataModule
-from ..errors import DataError, Spark3dError, find_os_error, find_user_error, output_error
+from ..errors import ConfigError, DataError, Spark3dError, find_os_error, find_user_error, output_error
 from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, ResumeState, SafeCheckpointIO
 from ..train.interrupt import RunInterrupted, SignalStop
 from ..train.pretrain import PretrainModule
+from .configs import explain_parse_error, prepare_config_args
+from .values import check_config_values
 from .runs import (
     RunLock, check_axes, check_output_folder, check_resume, clean_failed_run, is_launching_process, refuse_used_folder,
-    remove_run_files, resolve_ckpt_path,
+    remove_run_files, resolve_ckpt_path, used_run_files,
 )
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
-           "prepare_data", "precheck_run", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
+           "prepare_data", "precheck_run", "name_link_source", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
 
 PRETRAIN_LINKS = {"data.init_args.roi_size": "model.init_args.input_size"}
 SEGMENTATION_LINKS = {"data.init_args.roi_size": "model.init_args.roi_size",
@@ -166,6 +168,25 @@ class Spark3dCLI(LightningCLI):
     checkpoint: dict[str, Any] | None = None
     prechecked = False  # ckpt_path, checkpoint and the run folder were checked before anything was built
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse with each ``--config`` read once (a run's config.yaml accepted: run-only keys dropped), and a
+        parse error turned into one line with the real reason first (a ConfigError)."""
+        accepted = {a.dest.split(".")[0] for a in parser._actions}
+        prog = parser.prog
+        if isinstance(args, (list, tuple)):
+            args = prepare_config_args(list(args), accepted, prog)
+        try:
+            super().parse_arguments(parser, args)
+        except (argparse.ArgumentError, TypeError, ValueError) as err:
+            user = find_user_error(err)
+            if user is not None:
+                raise user from None
+            options = [o for a in parser._actions for o in a.option_strings]
+            line = explain_parse_error(err, prog, options)
+            if line is None:
+                raise
+            raise ConfigError(line) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from or to evaluate ('last' = the run directory's last.ckpt)")
@@ -192,6 +213,7 @@ class Spark3dCLI(LightningCLI):
         """Refuse, before anything is built or written: per-axis values of the wrong length, an unsafe or
         unreadable pretrained ``encoder.pt`` or ``--ckpt_path`` and, for training, a run folder holding another run."""
         config = self.config
+        check_config_values(config)
         check_axes(config)
         pretrained = self._get(config, "model", default={}).get("init_args", {}).get("pretrained")
         if pretrained:
@@ -204,6 +226,9 @@ class Spark3dCLI(LightningCLI):
             self.ckpt_path, self.checkpoint = precheck_run(root, config.get("ckpt_path"), bool(config.get("overwrite")))
             self.prechecked = True
         elif config.get("ckpt_path"):
+            if config.get("ckpt_path") == "last":  # the run folder's latest state, as for a resume
+                config["ckpt_path"] = str(Path(config.get("trainer.default_root_dir") or "runs/default")
+                                          / "checkpoints" / "last.ckpt")
             read_lightning_checkpoint(config.get("ckpt_path"))  # refused before anything is built
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -261,17 +286,43 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
     except (argparse.ArgumentError, ValueError) as err:
         user = find_user_error(err)
         if user is not None:
-            raise user from None
+            raise name_link_source(user, kw.get("links") or PRETRAIN_LINKS) from None
+        line = explain_parse_error(err, prog)
+        if line is not None:
+            raise name_link_source(ConfigError(line), kw.get("links") or PRETRAIN_LINKS) from None
         print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
         return None
 
 
+def name_link_source(err: Spark3dError, links: dict[str, str]) -> Spark3dError:
+    """``err`` naming the key the user set (``data.init_args.roi_size``) where it names the model option linked to
+    it (``input size``/``input_size``)."""
+    message = str(err)
+    for source, target in links.items():
+        leaf = target.rsplit(".", 1)[-1]
+        if source.rsplit(".", 1)[-1] == leaf:
+            continue
+        for form in (target, leaf, leaf.replace("_", " ")):
+            if form in message:
+                return type(err)(message.replace(form, f"{source} (the model's {leaf})", 1))
+    return err
+
+
 def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, dict[str, Any] | None]:
     """``--ckpt_path`` resolved and read weights-only, and the run folder free for this run (or overwritten,
-    or resumed, and not a file or read-only); errors before anything is written."""
+    or resumed, and not a file or read-only); errors before anything is written. A folder whose run left no
+    checkpoint to resume is one message whether ``--ckpt_path last`` is given or not."""
     check_output_folder(root)
     if is_launching_process():  # a DDP worker re-running the command: its launcher holds the lock
         RunLock(root).refuse_if_held()
+    found = used_run_files(root) if not overwrite and ckpt_path in (None, "last") else []
+    last = root / "checkpoints" / "last.ckpt"
+    if found and not last.is_file() and (ckpt_path == "last" or not any((root / "checkpoints").glob("*.ckpt"))):
+        ckpts = [f for f in found if f.endswith(".ckpt")]
+        raise ConfigError(f"run folder {root} holds a run ({', '.join(found[:3])}) but no {last.name} to resume from "
+                          "(it stopped before its first checkpoint)" + (f": resume from --ckpt_path {root / ckpts[0]}, "
+                          "or" if ckpts else ":") + " start it afresh with --overwrite true, or choose another "
+                          "--trainer.default_root_dir")
     path = resolve_ckpt_path(ckpt_path, root)
     checkpoint = read_lightning_checkpoint(path) if path else None
     if not overwrite:

@@ -10,7 +10,7 @@ import torch
 from monai import data as md
 from monai import transforms as mt
 
-from .contract import Spark3dDataModule
+from .contract import Spark3dDataModule, check_data_values, per_axis
 from .caching import cached_dataset, shard_for_rank
 from .datalist import CHECKS, DataError, check_entry, folder_entries, load_datalist
 from .nnunet_prep import PlanPreprocessd, PlanPreprocessing
@@ -60,10 +60,10 @@ class CTPretrainData(Spark3dDataModule):
     def __init__(
         self,
         datalist: str | None = None,
-        roi_size: Sequence[int] = (96, 96, 96),
+        roi_size: int | Sequence[int] = (96, 96, 96),
         num_samples: int = 2,
         batch_size: int = 1,
-        spacing: Sequence[float] | None = (1.5, 1.5, 2.0),
+        spacing: float | Sequence[float] | None = (1.5, 1.5, 2.0),
         intensity_range: Sequence[float] = (-1000.0, 1000.0),
         cache: str = "ram",
         cache_dir: str | None = None,
@@ -80,6 +80,10 @@ class CTPretrainData(Spark3dDataModule):
         configuration: str = "3d_fullres",
     ) -> None:
         super().__init__()
+        check_data_values({"batch_size": batch_size, "num_samples": num_samples, "num_workers": num_workers,
+                           "roi_size": roi_size, "spacing": spacing, "intensity_range": intensity_range,
+                           "intensity": "ct"})
+        roi_size, spacing = per_axis(roi_size), per_axis(spacing)
         self.plan = None if plans is None else PlanPreprocessing.from_plans(plans, configuration)
         if self.plan is not None:
             given = [k for k, v in (("spacing", spacing), ("intensity_range", intensity_range)) if v is not None]
@@ -161,7 +165,8 @@ class CTPretrainData(Spark3dDataModule):
             train = load_datalist(source, self.train_key)
             val = load_datalist(source, self.val_key, required=False) if self.val_key else []
         for entry in train + val:
-            check_entry(entry["image"], spatial_dims=3, channels=self.expected_channels, full=self.check == "full")
+            check_entry(entry["image"], spatial_dims=3, channels=self.expected_channels, full=self.check == "full",
+                        spacing=self.spacing)
         return train, val
 
     @property

@@ -8,9 +8,11 @@ from typing import Sequence
 
 from ..errors import DataError
 
-__all__ = ["DataError", "load_datalist", "folder_datalist", "folder_entries", "check_entry", "check_volume", "check_values", "CHECKS", "NIFTI_SUFFIXES"]
+__all__ = ["DataError", "load_datalist", "folder_datalist", "folder_entries", "check_entry", "check_volume",
+           "check_values", "check_resampled_size", "CHECKS", "NIFTI_SUFFIXES", "MAX_RESAMPLED_VOXELS"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_RESAMPLED_VOXELS = 2**31  # one volume after resampling (8 GiB in float32): beyond it a header is wrong
 CHECKS = ("full", "header")  # what the up-front check reads: every voxel, or the header only
 
 
@@ -79,15 +81,16 @@ def folder_entries(folder: str | Path) -> list[dict]:
     return nnunet_raw_datalist(folder) if is_nnunet_raw(folder) else folder_datalist(folder)
 
 
-def check_entry(image: str | list[str], spatial_dims: int = 3, channels: int | None = None, full: bool = False) -> None:
+def check_entry(image: str | list[str], spatial_dims: int = 3, channels: int | None = None, full: bool = False,
+                spacing: Sequence[float] | None = None) -> None:
     """:func:`check_volume` for a datalist ``image``: one file, or a list of one-channel files stacked as channels."""
     if not isinstance(image, (list, tuple)):
-        check_volume(image, spatial_dims, channels, full)
+        check_volume(image, spatial_dims, channels, full, spacing=spacing)
         return
     if channels is not None and len(image) != channels:
         raise DataError(f"{image[0]}: {len(image)} channel file(s); the network takes {channels}")
     for file in image:
-        check_volume(file, spatial_dims, 1, full)
+        check_volume(file, spatial_dims, 1, full, spacing=spacing)
 
 
 def check_values(x, name: str | Path, constant_ok: bool = False) -> None:
@@ -105,11 +108,36 @@ def check_values(x, name: str | Path, constant_ok: bool = False) -> None:
         raise DataError(f"{name} is constant (every voxel {t.flatten()[0].item():g}): nothing to learn from or segment")
 
 
+def check_resampled_size(path: str | Path, img, spacing: Sequence[float]) -> tuple[int, ...]:
+    """The size (RAS axes) a volume has once resampled to ``spacing`` mm, from its header; DataError when an axis
+    would be a single voxel (e.g. a 0.01 mm header) or the whole more than :data:`MAX_RESAMPLED_VOXELS` voxels
+    (e.g. 1e5 mm): a wrong header, or a wrong spacing."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    voxel_mm = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    extent = [0.0, 0.0, 0.0]
+    for axis, (world, _) in enumerate(nib.orientations.io_orientation(affine)[:3]):
+        extent[int(world)] = float(img.shape[axis] * voxel_mm[axis])
+    size = tuple(int(round(e / float(s))) for e, s in zip(extent, spacing))
+    shown = tuple(float(f"{v:.3g}") for v in voxel_mm)
+    if any(v <= 1 for v in size):
+        axis = next(i for i, v in enumerate(size) if v <= 1)
+        raise DataError(f"{path}: resampled to spacing {tuple(spacing)} mm it would be {size} voxels, a single voxel on "
+                        f"axis {axis} (its header's voxels are {shown} mm): check the header or data.init_args.spacing")
+    if float(np.prod(np.array(size, dtype=np.float64))) > MAX_RESAMPLED_VOXELS:
+        raise DataError(f"{path}: resampled to spacing {tuple(spacing)} mm it would be {size} voxels, more than "
+                        f"{MAX_RESAMPLED_VOXELS} (its header's voxels are {shown} mm): check the header or "
+                        "data.init_args.spacing")
+    return size
+
+
 def check_volume(path: str | Path, spatial_dims: int = 3, channels: int | None = None, full: bool = False,
-                 constant_ok: bool = False):
+                 constant_ok: bool = False, spacing: Sequence[float] | None = None):
     """Check a NIfTI file holds a volume of ``spatial_dims`` axes (and ``channels`` channels when given) from its
-    header; ``full`` also decompresses every voxel and checks them (finite; not constant unless ``constant_ok``).
-    Returns the (lazy) nibabel image."""
+    header; ``full`` also decompresses every voxel and checks them (finite; not constant unless ``constant_ok``);
+    ``spacing`` (3D): its resampled size is checked (:func:`check_resampled_size`). Returns the (lazy) nibabel image."""
     import nibabel as nib
     import numpy as np
 
@@ -123,6 +151,8 @@ def check_volume(path: str | Path, spatial_dims: int = 3, channels: int | None =
     found = int(np.prod(shape[spatial_dims:], dtype=np.int64)) if len(shape) > spatial_dims else 1
     if channels is not None and found != channels:
         raise DataError(f"{path} has {found} channel(s) (shape {shape}); the network takes {channels}")
+    if spacing is not None and spatial_dims == 3:
+        check_resampled_size(path, img, spacing)
     if full:
         try:
             data = np.asanyarray(img.dataobj)

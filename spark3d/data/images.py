@@ -53,7 +53,7 @@ class ImageFolderData(Spark3dDataModule):
     def __init__(
         self,
         root: str,
-        roi_size: Sequence[int] = (224, 224),
+        roi_size: int | Sequence[int] = (224, 224),
         batch_size: int = 32,
         num_workers: int = 4,
         scale: Sequence[float] = (0.67, 1.0),
@@ -61,7 +61,7 @@ class ImageFolderData(Spark3dDataModule):
     ) -> None:
         super().__init__()
         self.root = root
-        self.roi_size = tuple(int(s) for s in roi_size)
+        self.roi_size = tuple(int(s) for s in ([roi_size] * 2 if isinstance(roi_size, int) else roi_size))
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.scale = tuple(scale)

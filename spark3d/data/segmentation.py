@@ -10,7 +10,7 @@ from typing import Any, Literal, Sequence
 from monai import data as md
 from monai import transforms as mt
 
-from .contract import Spark3dDataModule
+from .contract import Spark3dDataModule, check_data_values, per_axis
 from .caching import cached_dataset, shard_for_rank
 from .datalist import CHECKS, DataError, check_volume, load_datalist
 from .prep import check_pair
@@ -39,10 +39,10 @@ class SegmentationData(Spark3dDataModule):
         self,
         datalist: str,
         num_classes: int = 14,
-        roi_size: Sequence[int] = (96, 96, 96),
+        roi_size: int | Sequence[int] = (96, 96, 96),
         num_samples: int = 4,
         batch_size: int = 1,
-        spacing: Sequence[float] | None = (1.5, 1.5, 2.0),
+        spacing: float | Sequence[float] | None = (1.5, 1.5, 2.0),
         intensity: Literal["ct", "mri"] = "ct",
         intensity_range: Sequence[float] = (-175.0, 250.0),
         cache: Literal["ram", "disk", "none"] = "ram",
@@ -56,6 +56,10 @@ class SegmentationData(Spark3dDataModule):
         check: Literal["full", "header"] = "full",
     ) -> None:
         super().__init__()
+        check_data_values({"batch_size": batch_size, "num_samples": num_samples, "num_workers": num_workers,
+                           "roi_size": roi_size, "spacing": spacing, "intensity_range": intensity_range,
+                           "intensity": intensity})
+        roi_size, spacing = per_axis(roi_size), per_axis(spacing)
         if check not in CHECKS:
             raise DataError(f"data.check must be one of {CHECKS}, got '{check}'")
         self.check = check
@@ -129,7 +133,7 @@ class SegmentationData(Spark3dDataModule):
         images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
         channels = self.in_channels if len(images) == 1 else None
         for image in images:
-            check_volume(image, channels=channels, full=full)
+            check_volume(image, channels=channels, full=full, spacing=self.spacing)
         if len(images) > 1 and self.in_channels is not None and len(images) != self.in_channels:
             raise DataError(f"case {images[0]} lists {len(images)} channel files; the network takes {self.in_channels}")
         if self.check_labels and "label" in entry:

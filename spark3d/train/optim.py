@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import pytorch_lightning as pl
 import torch
 
-__all__ = ["warmup_cosine", "cosine_ramp", "decay_groups", "warmup_cosine_scheduler"]
+from ..errors import ConfigError
+
+__all__ = ["warmup_cosine", "cosine_ramp", "decay_groups", "warmup_cosine_scheduler", "check_optim_values"]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -45,3 +47,17 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, trainer: pl.Traine
     warmup = min(int(round(warmup_epochs * per_epoch)), total // 2)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, min_lr_ratio))
     return {"scheduler": sched, "interval": "step"}, total
+
+
+def check_optim_values(values: dict[str, Any], where: str = "model.init_args") -> None:
+    """Optimiser values that cannot work, refused before anything is built: an lr (or base_lr) <= 0, a negative
+    weight decay or warm-up. ConfigError naming ``where.KEY``."""
+    for key, low, strict in (("lr", 0.0, True), ("base_lr", 0.0, True), ("weight_decay", 0.0, False),
+                             ("weight_decay_end", 0.0, False), ("warmup_epochs", 0.0, False)):
+        v = values.get(key)
+        if v is None:
+            continue
+        bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+            (v <= low if strict else v < low)
+        if bad:
+            raise ConfigError(f"{where}.{key} is {v}; expected a number {'>' if strict else '>='} {low:g}")

@@ -14,7 +14,8 @@ from ..data.contract import Spark3dDataModule
 from ..methods import build_method
 from ..version import __version__
 from .callbacks import EncoderExport, ReconstructionFigures
-from .optim import cosine_ramp, decay_groups, warmup_cosine_scheduler
+from ..masking import check_mask_ratio
+from .optim import check_optim_values, cosine_ramp, decay_groups, warmup_cosine_scheduler
 
 __all__ = ["PretrainModule", "SparKPretrain", "ENCODER_FILE"]
 
@@ -43,7 +44,7 @@ class PretrainModule(pl.LightningModule):
         spatial_dims: int = 3,
         in_channels: int = 1,
         backbone_kwargs: dict[str, Any] | None = None,
-        input_size: Sequence[int] = (96, 96, 96),
+        input_size: int | Sequence[int] = (96, 96, 96),
         mask_ratio: float = 0.75,
         method_args: dict[str, Any] | None = None,
         optimizer: Literal["lamb", "adamw"] = "lamb",
@@ -57,6 +58,10 @@ class PretrainModule(pl.LightningModule):
         figure_every_n_epochs: int = 1,
     ) -> None:
         super().__init__()
+        check_mask_ratio(mask_ratio, "model.init_args.mask_ratio")
+        check_optim_values({"lr": lr, "base_lr": base_lr, "weight_decay": weight_decay,
+                            "weight_decay_end": weight_decay_end, "warmup_epochs": warmup_epochs})
+        input_size = [input_size] * int(spatial_dims) if isinstance(input_size, int) else input_size
         if optimizer not in ("lamb", "adamw"):
             raise ValueError(f"model.optimizer must be 'lamb' or 'adamw', got '{optimizer}'")
         self.save_hyperparameters()  # (a subclass's own arguments when it is one: SparKPretrain's configs stay flat)
@@ -175,7 +180,7 @@ class SparKPretrain(PretrainModule):
         spatial_dims: int = 3,
         in_channels: int = 1,
         backbone_kwargs: dict[str, Any] | None = None,
-        input_size: Sequence[int] = (96, 96, 96),
+        input_size: int | Sequence[int] = (96, 96, 96),
         mask_ratio: float = 0.75,
         decoder_width: int | None = None,
         densify_norm: Literal["auto", "batch", "instance", "group", "layer", "none"] = "auto",

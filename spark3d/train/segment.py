@@ -13,9 +13,10 @@ from monai.networks.utils import one_hot
 from pytorch_lightning.utilities import rank_zero_info
 
 from ..backbones import BackboneSpec
+from ..checkpoint import LABEL_NAMES_KEY
 from ..data.segmentation import SegmentationData
 from ..networks import build_segmentation_network, encoder_children, encoder_parameter_levels, load_pretrained_encoder
-from .optim import warmup_cosine_scheduler
+from .optim import check_optim_values, warmup_cosine_scheduler
 
 __all__ = ["SegmentationModule"]
 
@@ -44,7 +45,7 @@ class SegmentationModule(pl.LightningModule):
         num_classes: int = 14,
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
-        roi_size: Sequence[int] = (96, 96, 96),
+        roi_size: int | Sequence[int] = (96, 96, 96),
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         warmup_epochs: float = 5.0,
@@ -56,6 +57,9 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: int = 2,
     ) -> None:
         super().__init__()
+        check_optim_values({"lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs})
+        if isinstance(roi_size, int):
+            roi_size = [roi_size] * int(spatial_dims)
         self.save_hyperparameters()
         self.spec = BackboneSpec(backbone, source, spatial_dims, in_channels, dict(backbone_kwargs or {}))
         self.network = build_segmentation_network(self.spec, num_classes)
@@ -86,6 +90,9 @@ class SegmentationModule(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if isinstance(dm, SegmentationData) and len(dm.label_names) == self.hparams.num_classes:
             self.label_names = list(dm.label_names)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LABEL_NAMES_KEY] = list(self.label_names)  # inference needs no datalist to name the classes
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch > self.hparams.freeze_encoder_epochs:
