@@ -14,9 +14,9 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Spark3dError
 
-__all__ = ["RUN_ONLY_KEYS", "RECORDED_KEYS", "read_config_file", "prepare_config_args", "explain_parse_error"]
+__all__ = ["RUN_ONLY_KEYS", "RECORDED_KEYS", "read_config_file", "prepare_config_args", "explain_parse_error", "name_link_source"]
 
 # how a run was started, not what it is: taken from the command line only, never from a config file (a run's
 # config.yaml records them; `overwrite: true` or `ckpt_path: …` carried into another command would delete a run
@@ -204,3 +204,17 @@ def explain_parse_error(err: BaseException, prog: str, options: Iterable[str] = 
         return None
     where = f" ({key}{': ' + owner if class_path else ''})" if key else (f" (in {owner})" if class_path else "")
     return f"{first}{where}"
+
+
+def name_link_source(err: Spark3dError, links: dict[str, str]) -> Spark3dError:
+    """``err`` naming the key the user set (``data.init_args.roi_size``) where it names the model option linked to
+    it (``input size``/``input_size``)."""
+    message = str(err)
+    for source, target in links.items():
+        leaf = target.rsplit(".", 1)[-1]
+        if source.rsplit(".", 1)[-1] == leaf:
+            continue
+        for form in (target, leaf, leaf.replace("_", " ")):
+            if form in message:
+                return type(err)(message.replace(form, f"{source} (the model's {leaf})", 1))
+    return err

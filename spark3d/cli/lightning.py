@@ -25,7 +25,7 @@ from ..errors import ConfigError, DataError, Spark3dError, find_os_error, find_u
 from ..train.callbacks import RESUME_KEY, NonFiniteGuard, PeriodicCheckpoint, ResumeState, SafeCheckpointIO
 from ..train.interrupt import RunInterrupted, SignalStop
 from ..train.pretrain import PretrainModule
-from .configs import explain_parse_error, prepare_config_args
+from .configs import explain_parse_error, name_link_source, prepare_config_args
 from .values import check_config_values
 from .runs import (
     RunLock, check_axes, check_output_folder, check_resume, clean_failed_run, is_launching_process, refuse_used_folder,
@@ -33,7 +33,7 @@ from .runs import (
 )
 
 __all__ = ["Spark3dCLI", "RunCSVLogger", "make_cli", "parse_or_report", "run_fit", "run_directory_trainer_kwargs",
-           "prepare_data", "precheck_run", "name_link_source", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
+           "prepare_data", "precheck_run", "PRETRAIN_LINKS", "SEGMENTATION_LINKS"]
 
 PRETRAIN_LINKS = {"data.init_args.roi_size": "model.init_args.input_size"}
 SEGMENTATION_LINKS = {"data.init_args.roi_size": "model.init_args.roi_size",
@@ -292,20 +292,6 @@ def parse_or_report(model_class: type, prog: str, description: str, argv: list[s
             raise name_link_source(ConfigError(line), kw.get("links") or PRETRAIN_LINKS) from None
         print(f"{prog}: error: {err}\n(see `{prog} --help`)", file=sys.stderr)
         return None
-
-
-def name_link_source(err: Spark3dError, links: dict[str, str]) -> Spark3dError:
-    """``err`` naming the key the user set (``data.init_args.roi_size``) where it names the model option linked to
-    it (``input size``/``input_size``)."""
-    message = str(err)
-    for source, target in links.items():
-        leaf = target.rsplit(".", 1)[-1]
-        if source.rsplit(".", 1)[-1] == leaf:
-            continue
-        for form in (target, leaf, leaf.replace("_", " ")):
-            if form in message:
-                return type(err)(message.replace(form, f"{source} (the model's {leaf})", 1))
-    return err
 
 
 def precheck_run(root: Path, ckpt_path: str | None, overwrite: bool) -> tuple[str | None, dict[str, Any] | None]:

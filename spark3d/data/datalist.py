@@ -9,7 +9,7 @@ from typing import Sequence
 from ..errors import DataError
 
 __all__ = ["DataError", "load_datalist", "folder_datalist", "folder_entries", "check_entry", "check_volume",
-           "check_values", "check_resampled_size", "CHECKS", "NIFTI_SUFFIXES", "MAX_RESAMPLED_VOXELS"]
+           "check_values", "check_preprocessed_volume", "check_resampled_size", "CHECKS", "NIFTI_SUFFIXES", "MAX_RESAMPLED_VOXELS"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_RESAMPLED_VOXELS = 2**31  # one volume after resampling (8 GiB in float32): beyond it a header is wrong
@@ -161,3 +161,26 @@ def check_volume(path: str | Path, spatial_dims: int = 3, channels: int | None =
                             f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
         check_values(data, path, constant_ok)
     return img
+
+
+def check_preprocessed_volume(array, name: str, spatial_dims: int = 3, channels: int | None = None) -> None:
+    """Refuse a preprocessed volume (channels first) that cannot train anything: wrong number of axes or
+    channels, an empty or flat axis, a non-finite voxel, or one value everywhere. Raises :class:`DataError`
+    naming ``name``."""
+    import numpy as np
+
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) != spatial_dims + 1:
+        raise DataError(f"{name}: preprocessed shape {shape}; expected (channels, {spatial_dims} spatial axes)")
+    if channels is not None and shape[0] != channels:
+        raise DataError(f"{name}: {shape[0]} channels; expected {channels}")
+    if array.size == 0:
+        raise DataError(f"{name}: empty after preprocessing (shape {shape}: no foreground inside the intensity window)")
+    if any(s <= 1 for s in shape[1:]):
+        raise DataError(f"{name}: preprocessed shape {shape} has a single-voxel spatial axis")
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise DataError(f"{name}: {int(finite.size - finite.sum())} non-finite voxels (NaN/inf) after preprocessing")
+    lo, hi = float(array.min()), float(array.max())
+    if lo == hi:
+        raise DataError(f"{name}: every voxel is {lo} after preprocessing (an empty or constant volume)")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import DataError
+from .datalist import check_preprocessed_volume
 
 __all__ = ["STORE_FORMAT", "FORMAT_VERSION", "MANIFEST", "StoreSettings", "StoreVolume", "CTStore", "sha256_file",
            "check_preprocessed_volume", "library_versions", "volume_id", "preprocess_volume", "write_store",
@@ -89,28 +90,6 @@ def library_versions() -> dict[str, str]:
 
     return {"spark3d": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0],
             "numpy": np.__version__, "nibabel": nibabel.__version__}
-
-
-# ---------------------------------------------------------------------------------------------- checks
-def check_preprocessed_volume(array: np.ndarray, name: str, spatial_dims: int = 3, channels: int | None = None) -> None:
-    """Refuse a preprocessed volume (channels first) that cannot train anything: wrong number of axes or
-    channels, an empty or flat axis, a non-finite voxel, or one value everywhere. Raises :class:`DataError`
-    naming ``name``."""
-    shape = tuple(int(s) for s in array.shape)
-    if len(shape) != spatial_dims + 1:
-        raise DataError(f"{name}: preprocessed shape {shape}; expected (channels, {spatial_dims} spatial axes)")
-    if channels is not None and shape[0] != channels:
-        raise DataError(f"{name}: {shape[0]} channels; expected {channels}")
-    if array.size == 0:
-        raise DataError(f"{name}: empty after preprocessing (shape {shape}: no foreground inside the intensity window)")
-    if any(s <= 1 for s in shape[1:]):
-        raise DataError(f"{name}: preprocessed shape {shape} has a single-voxel spatial axis")
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise DataError(f"{name}: {int(finite.size - finite.sum())} non-finite voxels (NaN/inf) after preprocessing")
-    lo, hi = float(array.min()), float(array.max())
-    if lo == hi:
-        raise DataError(f"{name}: every voxel is {lo} after preprocessing (an empty or constant volume)")
 
 
 # ---------------------------------------------------------------------------------------------- writing
