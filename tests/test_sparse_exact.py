@@ -47,7 +47,7 @@ def _features_and_grads(model, x, mask, training):
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("resnet18", {"drop_path_rate": 0.3}),  # timm DropPath inside residual blocks
+    ("timm/resnet18", {"drop_path_rate": 0.3}),  # timm DropPath inside residual blocks
     ("mobilenetv3_small_050", {"drop_path_rate": 0.2}),  # squeeze-excitation (x.mean), hard-swish, depthwise
     ("regnety_002", {}),  # SE in every block, group convs
 ])
@@ -181,7 +181,7 @@ def test_a_layer_that_would_run_dense_makes_sparse_refuse_and_auto_say_why(capsy
 def test_the_check_is_weight_independent_and_redone_when_the_structure_changes():
     """A zero-initialised branch cannot hide a per-cell draw: the check runs on redrawn weights; after a layer swap
     the verdict is made again."""
-    sparse, _, _, mask = _twins("resnet18", 64, {"drop_path_rate": 0.3})
+    sparse, _, _, mask = _twins("timm/resnet18", 64, {"drop_path_rate": 0.3})
     report = sparse.sparse_check(mask)
     assert report.exact() and report.gradients > 0  # gradients were compared
     sparse.encoder.network.layer1[0].drop_path = nn.Identity()
