@@ -168,7 +168,7 @@ def _se_statistics(name, se_input_child):
     """Each SE block's pooled statistic under a mask against an independent visible-site mean."""
     encoder = from_timm(name, probe_size=64)
     dense = copy.deepcopy(encoder)
-    model = SparK(encoder, (64, 64), mask_ratio=0.5, decoder_width=32).eval()
+    model = SparK(encoder, (64, 64), mask_ratio=0.5, decoder_width=32, compute="masked-dense").eval()
     exact = [op.path for op in encoder.op_trace.select("exact")]
     assert exact, f"{name}: no squeeze-excitation found"
     modules = dict(encoder.network.named_modules())

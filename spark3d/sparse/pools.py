@@ -51,7 +51,7 @@ def _in_bounds(layer: nn.Module, layout: PackedLayout, cell: tuple) -> torch.Ten
         share = pool(ones, layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode, True)
         return layout.pack(share.expand(layout.batch, *share.shape[1:]))
 
-    return layout.table(("avgpool-in-bounds", layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+    return layout.table(("avgpool-in-bounds", repr((layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode)),
                          tuple(cell)), make)
 
 
