@@ -193,7 +193,8 @@ def test_layout_round_trips_and_orders_cells_like_the_context():
 
 
 class GlobalContextBlock(nn.Module):
-    """Adds each sample's spatial mean with a functional ``mean`` — not a covered layer."""
+    """Adds each sample's spatial sum (a functional ``sum``: refused, so only ``trusted=`` converts it; a global
+    mean would be made exact on both paths) — not a covered layer."""
 
     def __init__(self, c):
         super().__init__()
@@ -201,7 +202,7 @@ class GlobalContextBlock(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        return y + y.mean((2, 3), keepdim=True)
+        return y + y.sum((2, 3), keepdim=True) / 64
 
 
 def test_forward_that_mixes_cells_falls_back_or_refuses():
