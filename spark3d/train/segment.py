@@ -10,11 +10,12 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from ..backbones import BackboneSpec
 from ..data.segmentation import SegmentationData
-from ..networks import build_segmentation_network, encoder_children, encoder_parameter_levels, load_pretrained_encoder
+from ..networks import (build_segmentation_network, encoder_children, encoder_parameter_levels, load_pretrained_encoder,
+                        pretraining_mismatches)
 from .optim import warmup_cosine_scheduler
 
 __all__ = ["SegmentationModule"]
@@ -60,6 +61,7 @@ class SegmentationModule(pl.LightningModule):
         self.spec = BackboneSpec(backbone, source, spatial_dims, in_channels, dict(backbone_kwargs or {}))
         self.network = build_segmentation_network(self.spec, num_classes)
         self.pretrained_report: dict[str, Any] | None = None
+        self.input_mismatches: list[str] = []
         if pretrained:
             self.pretrained_report = load_pretrained_encoder(self.network, pretrained, self.spec)
             rank_zero_info(f"spark3d: loaded {self.pretrained_report['matched']} pretrained tensors from {pretrained} "
@@ -86,6 +88,12 @@ class SegmentationModule(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if isinstance(dm, SegmentationData) and len(dm.label_names) == self.hparams.num_classes:
             self.label_names = list(dm.label_names)
+        if isinstance(dm, SegmentationData) and self.pretrained_report is not None:
+            # the encoder learned on inputs made one way: say so (one line) when fine-tuning feeds it another
+            self.input_mismatches = pretraining_mismatches(self.pretrained_report["meta"], dm.metadata())
+            if self.input_mismatches:
+                rank_zero_warn(f"spark3d: {self.hparams.pretrained} was pretrained on other inputs than this "
+                               f"fine-tuning feeds it: {'; '.join(self.input_mismatches)} (data.init_args)")
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch > self.hparams.freeze_encoder_epochs:
