@@ -125,22 +125,24 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
     pre = work / "pretrain"
     final = str(pre / f"encoder_{args.pretrain_steps}.pt")
     control = str(work / "control" / "encoder.pt")
-    out: list[dict] = [
-        {"name": "pretrain_spark", "deps": [], "fn": "pretrain", "kwargs": dict(
-            store=data["store"], out=str(pre), steps=args.pretrain_steps, milestones=args.milestones, seed=0)},
-        {"name": "pretrain_control", "deps": [], "fn": "supervised", "kwargs": dict(
-            datalist=data["control"], out=str(work / "control"), steps=args.control_steps, seed=0)},
-    ]
+    out: list[dict] = [{"name": "pretrain_control", "deps": [], "fn": "supervised", "kwargs": dict(
+        datalist=data["control"], out=str(work / "control"), steps=args.control_steps, seed=0)}]
+    previous: list[str] = []
+    for m in sorted(args.milestones):  # one schedule of pretrain_steps, run milestone by milestone (resumed exactly)
+        out.append({"name": f"pretrain_spark_{m}", "deps": previous, "fn": "pretrain", "kwargs": dict(
+            store=data["store"], out=str(pre), steps=args.pretrain_steps, stop=m, seed=0)})
+        previous = [f"pretrain_spark_{m}"]
+    last_pretrain = previous[0]
     sel = dict(datalist=data["selection"], n=1, steps=args.selection_steps, eval_every=args.selection_steps)
     for seed in args.selection_seeds:
         out.append({"name": f"select_budget_0_s{seed}", "deps": [], "fn": "finetune",
                     "kwargs": dict(sel, encoder=None, seed=seed, recipe="config")})
         for m in args.milestones:
-            out.append({"name": f"select_budget_{m}_s{seed}", "deps": ["pretrain_spark"], "fn": "finetune",
+            out.append({"name": f"select_budget_{m}_s{seed}", "deps": [f"pretrain_spark_{m}"], "fn": "finetune",
                         "kwargs": dict(sel, encoder=str(pre / f"encoder_{m}.pt"), seed=seed, recipe="config")})
         for recipe in args.recipes:
             if recipe != "config":
-                out.append({"name": f"select_recipe_{recipe}_s{seed}", "deps": ["pretrain_spark"], "fn": "finetune",
+                out.append({"name": f"select_recipe_{recipe}_s{seed}", "deps": [last_pretrain], "fn": "finetune",
                             "kwargs": dict(sel, encoder=final, seed=seed, recipe=recipe)})
     selection = [t["name"] for t in out if t["name"].startswith("select_")]
 
@@ -158,7 +160,7 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
                         "kwargs": dict(common, encoder=None, recipe="config")})
             out.append({"name": f"ft_n{n}_control_s{seed}", "deps": ["pretrain_control", *selection], "fn": "finetune",
                         "kwargs": chosen("control", common)})
-            out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": ["pretrain_spark", *selection], "fn": "finetune",
+            out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": [last_pretrain, *selection], "fn": "finetune",
                         "kwargs": chosen("spark", common)})
     for seed in args.seeds:
         common = dict(datalist=data["headline"], n=max(args.labelled), steps=args.probe_steps,
@@ -166,7 +168,7 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
         out.append({"name": f"probe_random_s{seed}", "deps": [], "fn": "finetune", "kwargs": dict(common, encoder=None)})
         out.append({"name": f"probe_control_s{seed}", "deps": ["pretrain_control"], "fn": "finetune",
                     "kwargs": dict(common, encoder=control)})
-        out.append({"name": f"probe_spark_s{seed}", "deps": ["pretrain_spark", *selection], "fn": "finetune",
+        out.append({"name": f"probe_spark_s{seed}", "deps": [last_pretrain, *selection], "fn": "finetune",
                     "kwargs": lambda results, c=common: dict(c, encoder=str(pre / f"encoder_{choose(results, args)[0]}.pt"))})
     return out
 
@@ -174,7 +176,7 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
 def _priority(task: dict) -> int:
     """Critical path first: SparK pretraining, then what unblocks the SparK arm, then the rest."""
     name = task["name"]
-    return 0 if name == "pretrain_spark" else 1 if name.startswith("select_") else 2 if "control" in name else 3
+    return 0 if name.startswith("pretrain_spark") else 1 if name.startswith("select_") else 2 if "control" in name else 3
 
 
 def run_all(work: Path, args: argparse.Namespace, graph: list[dict]) -> dict[str, dict]:

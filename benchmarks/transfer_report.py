@@ -187,7 +187,13 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
     expected += [f"select_recipe_{r}_s{s}" for s in args.selection_seeds for r in args.recipes if r != "config"]
     selection_done = all(results.get(k) for k in expected)
     budget, recipe = choose(results, args) if selection_done else (None, None)
-    pre, ctl = results.get("pretrain_spark"), results.get("pretrain_control")
+    parts = [results[k] for k in sorted(results, key=lambda k: int(k.rsplit("_", 1)[1]) if k.startswith("pretrain_spark_")
+                                            else 0) if k.startswith("pretrain_spark_") and results[k]]
+    pre = None if not parts else {"seconds_per_step": statistics.mean(p["seconds_per_step"] for p in parts),
+                                  "compute": parts[-1]["compute"], "losses": [x for p in parts for x in p["losses"]],
+                                  "seconds": sum(p["seconds"] for p in parts),
+                                  "milestones_done": [p["kwargs"]["stop"] for p in parts]}
+    ctl = results.get("pretrain_control")
     chain = {arm: next((r["chain"] for k, r in sorted(results.items()) if k.startswith(f"ft_n") and f"_{arm}_" in k
                         and r.get("chain")), None) for arm in ("spark", "control")}
     head = [f"transfer study: {len(rows)} CSV rows from {sum(1 for r in results.values() if r)} runs"
@@ -196,7 +202,7 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
     summary = {
         "machine": machine(), "options": {k: v for k, v in vars(args).items()}, "recipes": RECIPES,
         "chosen": {"pretrain_budget": budget, "recipe": recipe}, "tests": tests, "chain": chain,
-        "pretraining": None if pre is None else {k: pre[k] for k in ("seconds_per_step", "compute", "losses", "seconds")},
+        "pretraining": pre,
         "control_pretraining": None if ctl is None else {k: ctl[k] for k in ("seconds_per_step", "seconds")},
         "runs": {k: {"seconds": r["seconds"], "seconds_per_step": r.get("seconds_per_step"), "kwargs": r["kwargs"]}
                  for k, r in sorted(results.items()) if r},

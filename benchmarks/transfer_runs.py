@@ -95,21 +95,25 @@ def execute(work: str, name: str, fn: str, kwargs: dict) -> dict:
     return result
 
 
-def _trainer(steps: int, root: str, callbacks: list, eval_every: int | None = None):
+def _trainer(steps: int, root: str, callbacks: list, eval_every: int | None = None, plugins: list | None = None):
     import pytorch_lightning as pl
 
     val = {"val_check_interval": eval_every, "check_val_every_n_epoch": None} if eval_every else {"limit_val_batches": 0}
+    checkpointing = any(isinstance(c, pl.callbacks.Checkpoint) for c in callbacks)
     return pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, default_root_dir=root, gradient_clip_val=None, **val)
+                      enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=root, plugins=plugins, **val)
 
 
-def pretrain(store: str, out: str, steps: int, milestones: list[int], seed: int) -> dict:
-    """SparK pretraining of the demo network from the CT store; ``encoder_<step>.pt`` at every milestone."""
+def pretrain(store: str, out: str, steps: int, stop: int, seed: int) -> dict:
+    """SparK pretraining of the demo network from the CT store, a ``steps``-step schedule run up to step ``stop``
+    (a milestone: ``encoder_<stop>.pt``); resumes exactly from ``out/checkpoints/last.ckpt`` (written at every
+    milestone and every 100 steps), so a killed study loses at most 100 steps."""
     import pytorch_lightning as pl
 
     from spark3d.data import CTPretrainData
     from spark3d.train import SparKPretrain
+    from spark3d.train.callbacks import PeriodicCheckpoint, ResumeState, SafeCheckpointIO
 
     cfg = _config("pretrain")
     pl.seed_everything(seed, verbose=False)
@@ -117,20 +121,29 @@ def pretrain(store: str, out: str, steps: int, milestones: list[int], seed: int)
     data = CTPretrainData(**data_args)
     data.in_channels = 1
     model = SparKPretrain(**dict(cfg["model"]["init_args"], figure_every_n_epochs=10**9), input_size=data.roi_size)
+    last = Path(out) / "checkpoints" / "last.ckpt"
     losses: list[tuple[int, float]] = []
+    start = [0]
 
-    class Milestones(pl.Callback):
+    class Milestone(pl.Callback):
+        def on_train_start(self, trainer, module):
+            start[0] = trainer.global_step
+
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             step = trainer.global_step
-            if step % 10 == 0 or step in milestones:
+            if step % 10 == 0 or step == stop:
                 losses.append((step, float(outputs["loss"])))
-            if step in milestones:
-                module.save_encoder(Path(out) / f"encoder_{step}.pt")
+            if step >= stop:
+                module.save_encoder(Path(out) / f"encoder_{stop}.pt")
+                trainer.save_checkpoint(last)
+                trainer.should_stop = True
 
     t0 = time.time()
-    _trainer(steps, out, [Milestones()], None).fit(model, data)
-    return {"losses": losses, "seconds_per_step": (time.time() - t0) / steps,
-            "encoders": {m: str(Path(out) / f"encoder_{m}.pt") for m in milestones},
+    trainer = _trainer(steps, out, [PeriodicCheckpoint(last.parent, 100, 0), ResumeState(), Milestone()], None,
+                       plugins=[SafeCheckpointIO()])
+    trainer.fit(model, data, ckpt_path=str(last) if last.is_file() else None)
+    return {"losses": losses, "seconds_per_step": (time.time() - t0) / max(1, stop - start[0]), "resumed_at": start[0],
+            "encoder": str(Path(out) / f"encoder_{stop}.pt"),
             "compute": model.model.compute_path(model.model.random_mask(1))}  # the path the run's masks took
 
 
