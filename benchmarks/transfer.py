@@ -144,39 +144,41 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
             if recipe != "config":
                 out.append({"name": f"select_recipe_{recipe}_s{seed}", "deps": [last_pretrain], "fn": "finetune",
                             "kwargs": dict(sel, encoder=final, seed=seed, recipe=recipe)})
-    selection = [t["name"] for t in out if t["name"].startswith("select_")]
+    budget_runs = [t["name"] for t in out if t["name"].startswith("select_budget_")]
 
-    def chosen(arm: str, extra: dict):
+    def spark_encoder(extra: dict):
         def make(results: dict) -> dict:
-            budget, recipe = choose(results, args)
-            encoder = str(pre / f"encoder_{budget}.pt") if arm == "spark" else control
-            return dict(extra, encoder=encoder, recipe=recipe)
+            return dict(extra, encoder=str(pre / f"encoder_{choose(results, args)[0]}.pt"))
         return make
 
+    # every headline arm fine-tunes with the config's recipe (the same way); the recipe chosen on the selection
+    # split is what the shipped configs apply to pretrained encoders (model.init_args.pretrained_recipe)
     for n in args.labelled:
         for seed in args.seeds:
-            common = dict(datalist=data["headline"], n=n, steps=args.finetune_steps, eval_every=args.eval_every, seed=seed)
+            common = dict(datalist=data["headline"], n=n, steps=args.finetune_steps, eval_every=args.eval_every,
+                          seed=seed, recipe="config")
             out.append({"name": f"ft_n{n}_scratch_s{seed}", "deps": [], "fn": "finetune",
-                        "kwargs": dict(common, encoder=None, recipe="config")})
-            out.append({"name": f"ft_n{n}_control_s{seed}", "deps": ["pretrain_control", *selection], "fn": "finetune",
-                        "kwargs": chosen("control", common)})
-            out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": [last_pretrain, *selection], "fn": "finetune",
-                        "kwargs": chosen("spark", common)})
+                        "kwargs": dict(common, encoder=None)})
+            out.append({"name": f"ft_n{n}_control_s{seed}", "deps": ["pretrain_control"], "fn": "finetune",
+                        "kwargs": dict(common, encoder=control)})
+            out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": budget_runs, "fn": "finetune",
+                        "kwargs": spark_encoder(common)})
     for seed in args.seeds:
         common = dict(datalist=data["headline"], n=max(args.labelled), steps=args.probe_steps,
                       eval_every=args.probe_steps, seed=seed, freeze=True, recipe="config")
         out.append({"name": f"probe_random_s{seed}", "deps": [], "fn": "finetune", "kwargs": dict(common, encoder=None)})
         out.append({"name": f"probe_control_s{seed}", "deps": ["pretrain_control"], "fn": "finetune",
                     "kwargs": dict(common, encoder=control)})
-        out.append({"name": f"probe_spark_s{seed}", "deps": [last_pretrain, *selection], "fn": "finetune",
-                    "kwargs": lambda results, c=common: dict(c, encoder=str(pre / f"encoder_{choose(results, args)[0]}.pt"))})
+        out.append({"name": f"probe_spark_s{seed}", "deps": budget_runs, "fn": "finetune", "kwargs": spark_encoder(common)})
     return out
 
 
 def _priority(task: dict) -> int:
-    """Critical path first: SparK pretraining, then what unblocks the SparK arm, then the rest."""
+    """Critical path first: SparK pretraining, what unblocks the SparK arm, the control's encoder, then the headline
+    runs by labelled-set size (1 and 2 first: the protocol check), the probes, the recipe candidates."""
     name = task["name"]
-    return 0 if name.startswith("pretrain_spark") else 1 if name.startswith("select_") else 2 if "control" in name else 3
+    order = ("pretrain_spark", "select_budget_", "pretrain_control", "ft_n", "probe_", "select_recipe_")
+    return next(i for i, prefix in enumerate(order) if name.startswith(prefix))
 
 
 def run_all(work: Path, args: argparse.Namespace, graph: list[dict]) -> dict[str, dict]:

@@ -96,7 +96,7 @@ def test_labelled_case_in_the_unlabelled_pool_is_refused(tmp_path):
     other = write_btcv_phantoms(tmp_path / "u", n_train=2, n_val=0, n_test=0, shape=(24, 24, 12), seed=4)
     check_disjoint(str(other), [str(labelled)])  # disjoint seeds: accepted
     same = write_btcv_phantoms(tmp_path / "s", n_train=3, n_val=0, n_test=0, shape=(24, 24, 12), seed=3)
-    with pytest.raises(DataError, match="img0002.nii.gz") as err:  # the labelled set's validation case
+    with pytest.raises(DataError, match="img0001.nii.gz, the same volume as the labelled case") as err:
         check_disjoint(str(same), [str(labelled)])
     assert len(str(err.value).splitlines()) == 1
 
@@ -147,3 +147,22 @@ def test_pretraining_and_finetuning_inputs_are_compared():
     assert pretraining_mismatches(meta, same) == []
     found = pretraining_mismatches(meta, {**same, "intensity_range": (-175.0, 250.0)})
     assert len(found) == 1 and found[0].startswith("intensity_range")
+
+
+def test_pretrained_recipe_applies_only_with_a_pretrained_encoder(tmp_path):
+    from spark3d.checkpoint import write_encoder
+    from spark3d.errors import ConfigError
+    from spark3d.networks import encoder_state_of
+    from spark3d.train import SegmentationModule
+
+    kw = {"backbone_kwargs": {"init_filters": 8, "blocks_down": [1, 2, 2, 2]}, "roi_size": (32, 32, 32), "lr": 0.01,
+          "pretrained_recipe": {"layer_decay": 0.5, "lr": 0.002}}
+    scratch = SegmentationModule(**kw)
+    meta = {"backbone": "segresnet", "source": "monai", "spatial_dims": 3, "in_channels": 1}
+    path = write_encoder(tmp_path / "encoder.pt", encoder_state_of(scratch.network, scratch.spec), meta)
+    pretrained = SegmentationModule(**kw, pretrained=str(path))
+    assert {g["lr"] for g in scratch._param_groups()} == {0.01}
+    lrs = sorted({g["lr"] for g in pretrained._param_groups()})
+    assert lrs[-1] == pytest.approx(0.002) and lrs[0] == pytest.approx(0.002 * 0.5**4)  # 4 encoder levels below
+    with pytest.raises(ConfigError, match="pretrained_recipe"):
+        SegmentationModule(**{**kw, "pretrained_recipe": {"momentum": 0.9}})
