@@ -174,10 +174,10 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
 
 
 def _priority(task: dict) -> int:
-    """Critical path first: SparK pretraining, what unblocks the SparK arm, the control's encoder, then the headline
-    runs by labelled-set size (1 and 2 first: the protocol check), the probes, the recipe candidates."""
+    """SparK pretraining (the longest chain) first, then the control's encoder and the headline runs by labelled-set
+    size (1 and 2 first: scratch vs control is the protocol check), the budget curve, the probes, the recipes."""
     name = task["name"]
-    order = ("pretrain_spark", "select_budget_", "pretrain_control", "ft_n", "probe_", "select_recipe_")
+    order = ("pretrain_spark", "pretrain_control", "ft_n", "select_budget_", "probe_", "select_recipe_")
     return next(i for i, prefix in enumerate(order) if name.startswith(prefix))
 
 
