@@ -201,6 +201,9 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
             f"chosen on the selection split: pretraining budget {budget} steps, recipe '{recipe}'", *lines]
     summary = {
         "machine": machine(), "options": {k: v for k, v in vars(args).items()}, "recipes": RECIPES,
+        "configs": {p.parent.name: p.read_text() for p in sorted((Path(work) / "configs").glob("*/demo_ct.yaml"))},
+        "status": {"runs_done": sum(1 for r in results.values() if r), "pretraining_milestones_done":
+                   None if pre is None else pre["milestones_done"]},
         "chosen": {"pretrain_budget": budget, "recipe": recipe}, "tests": tests, "chain": chain,
         "pretraining": pre,
         "control_pretraining": None if ctl is None else {k: ctl[k] for k in ("seconds_per_step", "seconds")},
