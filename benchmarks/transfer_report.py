@@ -213,6 +213,7 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))
     plot(out.with_suffix(".png"), rows, args,
-         f"phantoms ('wide'), demo SegResNet; SparK {budget} pretraining steps on {args.unlabelled} unlabelled volumes;"
-         f" recipe '{recipe}'; mean ± sample sd over seeds {args.seeds}")
+         f"phantoms ('wide'), demo SegResNet; SparK on {args.unlabelled} unlabelled volumes, budget "
+         f"{'not chosen yet (selection unfinished)' if budget is None else f'{budget} steps'}; mean ± sample sd over "
+         f"seeds {args.seeds}; {summary['status']['runs_done']} runs finished")
     return summary
