@@ -18,7 +18,7 @@ from .checkpoint import check_encoder_meta, load_encoder_state, read_encoder
 from .encoders import from_spec
 
 __all__ = ["build_segmentation_network", "encoder_module_of", "encoder_children", "load_pretrained_encoder",
-           "encoder_parameter_levels"]
+           "encoder_parameter_levels", "encoder_state_of", "pretraining_mismatches"]
 
 
 def load_pretrained_encoder(network: nn.Module, path: str | Path, spec: BackboneSpec) -> dict[str, Any]:
@@ -50,3 +50,26 @@ def encoder_parameter_levels(network: nn.Module, spec: BackboneSpec) -> tuple[di
             if level is not None:
                 levels[name] = level
     return levels, len(encoder.taps)
+
+
+def encoder_state_of(network: nn.Module, spec: BackboneSpec) -> dict:
+    """The encoder tensors of a segmentation network under ``encoder.pt``'s keys (the ones masked pretraining
+    exports for ``spec``): a supervised encoder written in the same format as a pretrained one."""
+    keys = from_spec(spec).dense_state_dict().keys()
+    target, _ = encoder_module_of(network, spec)
+    own = target.state_dict()
+    return {k: own[k].detach().clone() for k in keys}
+
+
+def pretraining_mismatches(meta: dict[str, Any], data_meta: dict[str, Any]) -> list[str]:
+    """``key pretrained X vs fine-tuning Y`` for the input settings (spacing, intensity window) in which the data
+    an encoder was pretrained on and the fine-tuning data differ (compared to 1e-6; unknown on either side: skipped)."""
+    out = []
+    for key in ("spacing", "intensity_range"):
+        a, b = meta.get(key), data_meta.get(key)
+        if a is None or b is None:
+            continue
+        a, b = [float(v) for v in a], [float(v) for v in b]
+        if len(a) != len(b) or any(abs(x - y) > 1e-6 for x, y in zip(a, b)):
+            out.append(f"{key} pretrained {a} vs fine-tuning {b}")
+    return out

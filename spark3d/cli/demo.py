@@ -53,6 +53,23 @@ def _write_demo_json(path: Path, args: argparse.Namespace, argv: list[str], summ
         "total_s": round(time.time() - t0, 1), "pretrain_loss_epoch": losses}, ["spark3d", "demo", *argv], t0)
 
 
+def _scratch_comparison(out: Path, ft_args: list[str]) -> dict | None:
+    """``--compare``: the demo's fine-tuning again without the pretrained encoder, evaluated the same way."""
+    from .commands import run_evaluate, run_finetune
+
+    i = ft_args.index("--model.init_args.pretrained")
+    args = ft_args[:i] + ft_args[i + 2:]
+    j = args.index("--trainer.default_root_dir")
+    args[j + 1] = str(out / "finetune_scratch")
+    print(f"      --compare: the same fine-tuning from scratch into {out / 'finetune_scratch'} …", file=sys.stderr)
+    if run_finetune(args):
+        return None
+    if run_evaluate([*args[:4], "--ckpt_path", str(out / "finetune_scratch" / "checkpoints" / "last.ckpt"),
+                     "--out", str(out / "evaluate_scratch")]):
+        return None
+    return json.loads((out / "evaluate_scratch" / "summary.json").read_text())
+
+
 def run_demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="spark3d demo",
@@ -66,6 +83,8 @@ def run_demo(argv: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the demo config's)")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: the config's)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each training after this many steps (quick checks)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also fine-tune from scratch (same config, seed and steps) and report the difference")
     args = parser.parse_args(argv)
 
     from ..data.phantoms import write_btcv_phantoms
@@ -121,6 +140,12 @@ def run_demo(argv: list[str]) -> int:
     if code:
         return code
     lap("evaluation")
+    scratch_summary = None
+    if args.compare:
+        scratch_summary = _scratch_comparison(out, ft_args)
+        if scratch_summary is None:
+            return 2
+        lap("scratch comparison")
     print(f"[5/5] predicting the test phantoms into {out / 'predict'} …", file=sys.stderr)
     code = run_predict([*common, "--ckpt_path", ckpt, "--input", str(out / "data" / "RawData" / "Testing" / "img"),
                         "--out", str(out / "predict")])
@@ -148,6 +173,10 @@ def run_demo(argv: list[str]) -> int:
     if summary.get("mean_dice") is not None:
         print(f"fine-tuned mean Dice over the 13 organs (validation phantoms): {summary['mean_dice']:.3f}")
         print(_organ_table(summary["per_organ"]))
+    if scratch_summary is not None and summary.get("mean_dice") is not None:
+        print(f"pretrained vs from scratch (same fine-tuning config, seed and steps): mean Dice {summary['mean_dice']:.3f} "
+              f"vs {scratch_summary['mean_dice']:.3f} ({summary['mean_dice'] - scratch_summary['mean_dice']:+.3f}; one "
+              "seed, not a test: benchmarks/transfer.py measures it)")
     print(f"phantoms (BTCV layout) : {out / 'data'}")
     print(f"pretrained encoder     : {run_dir / 'encoder.pt'}  (fine-tuning network's keys; torch.load(weights_only=True))")
     print(f"pretraining run        : {run_dir}  (checkpoints/, metrics.csv, tensorboard/, figures/)")

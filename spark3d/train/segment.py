@@ -10,15 +10,19 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from ..backbones import BackboneSpec
 from ..checkpoint import LABEL_NAMES_KEY
+from ..errors import ConfigError
 from ..data.segmentation import SegmentationData
-from ..networks import build_segmentation_network, encoder_children, encoder_parameter_levels, load_pretrained_encoder
+from ..networks import (build_segmentation_network, encoder_children, encoder_parameter_levels, load_pretrained_encoder,
+                        pretraining_mismatches)
 from .optim import check_optim_values, warmup_cosine_scheduler
 
-__all__ = ["SegmentationModule"]
+__all__ = ["SegmentationModule", "RECIPE_KEYS"]
+
+RECIPE_KEYS = ("lr", "weight_decay", "warmup_epochs", "min_lr_ratio", "layer_decay", "freeze_encoder_epochs")
 
 
 class SegmentationModule(pl.LightningModule):
@@ -33,6 +37,8 @@ class SegmentationModule(pl.LightningModule):
             level ``k`` (0 = finest, as the pretraining encoder taps them) get ``lr * layer_decay**(K - k)``;
             the decoder and head keep ``lr``.
         freeze_encoder_epochs: keep the encoder frozen for this many epochs first.
+        pretrained_recipe: the optimisation settings that replace these when ``pretrained`` is set (keys among
+            :data:`RECIPE_KEYS`; the shipped configs hold the one the transfer study chose); ignored from scratch.
         sw_overlap, sw_mode, sw_batch_size: sliding-window inference settings.
     """
 
@@ -55,15 +61,25 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: float = 0.5,
         sw_mode: Literal["constant", "gaussian"] = "gaussian",
         sw_batch_size: int = 2,
+        pretrained_recipe: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         check_optim_values({"lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs})
         if isinstance(roi_size, int):
             roi_size = [roi_size] * int(spatial_dims)
         self.save_hyperparameters()
+        unknown = sorted(set(pretrained_recipe or {}) - set(RECIPE_KEYS))
+        if unknown:
+            raise ConfigError(f"model.init_args.pretrained_recipe: unknown key(s) {unknown}; "
+                              f"expected some of {list(RECIPE_KEYS)}")
+        # the optimisation settings in force: the recipe for pretrained encoders when one is loaded
+        self.recipe = {k: getattr(self.hparams, k) for k in RECIPE_KEYS}
+        if pretrained:
+            self.recipe.update(pretrained_recipe or {})
         self.spec = BackboneSpec(backbone, source, spatial_dims, in_channels, dict(backbone_kwargs or {}))
         self.network = build_segmentation_network(self.spec, num_classes)
         self.pretrained_report: dict[str, Any] | None = None
+        self.input_mismatches: list[str] = []
         if pretrained:
             self.pretrained_report = load_pretrained_encoder(self.network, pretrained, self.spec)
             rank_zero_info(f"spark3d: loaded {self.pretrained_report['matched']} pretrained tensors from {pretrained} "
@@ -90,14 +106,20 @@ class SegmentationModule(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if isinstance(dm, SegmentationData) and len(dm.label_names) == self.hparams.num_classes:
             self.label_names = list(dm.label_names)
+        if isinstance(dm, SegmentationData) and self.pretrained_report is not None:
+            # the encoder learned on inputs made one way: say so (one line) when fine-tuning feeds it another
+            self.input_mismatches = pretraining_mismatches(self.pretrained_report["meta"], dm.metadata())
+            if self.input_mismatches:
+                rank_zero_warn(f"spark3d: {self.hparams.pretrained} was pretrained on other inputs than this "
+                               f"fine-tuning feeds it: {'; '.join(self.input_mismatches)} (data.init_args)")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[LABEL_NAMES_KEY] = list(self.label_names)  # inference needs no datalist to name the classes
 
     def on_train_epoch_start(self) -> None:
-        if self.current_epoch > self.hparams.freeze_encoder_epochs:
+        if self.current_epoch > self.recipe["freeze_encoder_epochs"]:
             return  # only the epochs that freeze, and the one that unfreezes, change anything
-        frozen = self.current_epoch < self.hparams.freeze_encoder_epochs
+        frozen = self.current_epoch < self.recipe["freeze_encoder_epochs"]
         for p in encoder_children(self.network, self.spec).parameters():
             p.requires_grad_(not frozen)
 
@@ -138,17 +160,17 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------------------ optimisation
     def _param_groups(self) -> list[dict]:
         """Groups by (lr scale, decayed or not): encoder level ``k`` of ``K`` scaled by ``layer_decay**(K - k)``."""
-        hp = self.hparams
-        levels, num_levels = encoder_parameter_levels(self.network, self.spec) if hp.layer_decay != 1.0 else ({}, 0)
+        hp = self.recipe
+        levels, num_levels = encoder_parameter_levels(self.network, self.spec) if hp["layer_decay"] != 1.0 else ({}, 0)
         groups: dict[tuple[float, bool], list] = {}
         for name, p in self.network.named_parameters():
-            scale = hp.layer_decay ** (num_levels - levels[name]) if name in levels else 1.0
+            scale = hp["layer_decay"] ** (num_levels - levels[name]) if name in levels else 1.0
             groups.setdefault((scale, p.ndim > 1), []).append(p)
-        return [{"params": ps, "lr": hp.lr * s, "lr_scale": s, "weight_decay": hp.weight_decay if d else 0.0}
+        return [{"params": ps, "lr": hp["lr"] * s, "lr_scale": s, "weight_decay": hp["weight_decay"] if d else 0.0}
                 for (s, d), ps in groups.items()]
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self._param_groups(), lr=hp.lr)
-        scheduler, _ = warmup_cosine_scheduler(opt, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
+        hp = self.recipe
+        opt = torch.optim.AdamW(self._param_groups(), lr=hp["lr"])
+        scheduler, _ = warmup_cosine_scheduler(opt, self.trainer, hp["warmup_epochs"], hp["min_lr_ratio"])
         return {"optimizer": opt, "lr_scheduler": scheduler}

@@ -1,0 +1,258 @@
+"""The transfer study: does SparK pretraining on unlabelled phantoms make segmentation better with few labels?
+
+    python benchmarks/transfer.py --work runs/transfer --out docs/transfer          # the full study
+    python benchmarks/transfer.py --work runs/transfer_quick --out OUT --quick      # minutes: the test's
+
+One command, resumable (every finished run is a JSON in WORK/runs and is reused). It writes four disjoint phantom
+sets (``variation="wide"``): the labelled + validation cases of the headline numbers, a separate *selection*
+split (labelled + validation) on which the pretraining budget and the fine-tuning recipe are chosen, a labelled
+pool for the positive control, and the unlabelled pool (>= 64 volumes, written once to a CT store with
+``spark3d preprocess``). Then, with the demo network and configs (SegResNet, 32³ crops at 6 mm):
+
+1. SparK pretraining from the store (sparse path, ``compute: auto``), an encoder.pt at every milestone;
+2. a supervised encoder (the positive control): the same network trained on the control pool's labels;
+3. the budget curve: Dice on the selection split after fine-tuning each milestone encoder (and scratch);
+   the budget is the milestone with the best mean; the recipe for pretrained encoders likewise (candidates);
+4. fine-tuning curves: 1, 2, 4 labelled volumes x seeds x {scratch, spark, control}, the same steps, data order
+   and seeds, validation Dice of the 13 organs every ``--eval-every`` steps;
+5. a frozen-encoder probe (the decoder trained on a frozen encoder) for random, spark and control.
+
+Outputs OUT.csv (one row per run and evaluation step, Dice per organ), OUT.png, OUT.json (machine, versions,
+every option, choices, chain checks, the tests of the goal). Runs are in-process Lightning fits of the library's
+SparKPretrain / SegmentationModule / CTPretrainData / SegmentationData, encoder.pt loaded by the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from transfer_report import write_outputs  # noqa: E402  (the report half: CSV, PNG, JSON)
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+ARMS = ("scratch", "spark", "control")
+PROBES = ("random", "spark", "control")
+SEEDS = {"headline": 10, "selection": 11, "control": 12, "unlabelled": 13}  # phantom seeds: disjoint case ids
+FULL = dict(labelled=[1, 2, 4], seeds=[0, 1, 2], val_cases=4, selection_val=2, selection_seeds=[0, 1],
+            control_cases=16, unlabelled=64, shape=[96, 96, 48], pretrain_steps=3000,
+            milestones=[500, 1500, 3000], control_steps=400, finetune_steps=300, eval_every=50,
+            probe_steps=150, selection_steps=200, recipes=["config", "layer_decay"])
+QUICK = dict(labelled=[1, 2], seeds=[0, 1], val_cases=1, selection_val=1, selection_seeds=[0],
+             control_cases=2, unlabelled=4, shape=[48, 48, 24], pretrain_steps=4, milestones=[2, 4],
+             control_steps=4, finetune_steps=4, eval_every=2, probe_steps=2, selection_steps=2,
+             recipes=["config", "layer_decay"])
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options; ``--quick`` and the full study differ only in sizes (each size can still be given)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="folder of the phantoms, the store and every run (reused)")
+    p.add_argument("--out", default="docs/transfer", help="output prefix: OUT.csv, OUT.png, OUT.json")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the test's): minutes, numbers mean nothing")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, one thread each)")
+    p.add_argument("--unlabelled-seed", type=int, default=SEEDS["unlabelled"],
+                   help="phantom seed of the unlabelled pool (must differ from every labelled set's)")
+    p.add_argument("--report-only", action="store_true", help="write OUT.* from the finished runs, run nothing")
+    for key, value in FULL.items():
+        kind = type(value[0]) if isinstance(value, list) else type(value)
+        p.add_argument("--" + key.replace("_", "-"), type=kind, nargs="+" if isinstance(value, list) else None,
+                       default=None, help=f"default {value} (quick: {QUICK[key]})")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The one-line refusals, before anything is written."""
+    from spark3d.errors import ConfigError
+
+    if len(args.seeds) < 2:
+        raise ConfigError(f"--seeds {args.seeds}: at least 2 seeds are needed for a sample sd (3 or more advised)")
+    if args.unlabelled_seed in (SEEDS["headline"], SEEDS["selection"]):
+        raise ConfigError(f"--unlabelled-seed {args.unlabelled_seed} draws the labelled/validation phantoms: the "
+                          "unlabelled pool would contain labelled cases (use another seed)")
+    if not args.quick and args.unlabelled < 64:
+        raise ConfigError(f"--unlabelled {args.unlabelled}: the study needs an unlabelled pool of at least 64 volumes")
+    if sorted(args.milestones)[-1] != args.pretrain_steps:
+        raise ConfigError(f"--milestones {args.milestones} must end at --pretrain-steps {args.pretrain_steps}")
+
+
+def write_data(work: Path, args: argparse.Namespace) -> dict[str, str]:
+    """The four phantom sets (written once) and the unlabelled pool's CT store; returns their paths."""
+    from spark3d.cli.commands import run_preprocess
+    from spark3d.data.phantoms import write_btcv_phantoms
+
+    from transfer_runs import check_disjoint, snapshot_configs
+
+    sets = {"headline": (max(args.labelled), args.val_cases, SEEDS["headline"]),
+            "selection": (1, args.selection_val, SEEDS["selection"]),
+            "control": (args.control_cases, 0, SEEDS["control"]),
+            "unlabelled": (args.unlabelled, 0, args.unlabelled_seed)}
+    snapshot_configs(work)
+    paths = {}
+    for name, (n_train, n_val, seed) in sets.items():
+        datalist = work / "data" / name / "dataset.json"
+        if not datalist.is_file():
+            write_btcv_phantoms(datalist.parent, n_train=n_train, n_val=n_val, n_test=0, shape=args.shape, seed=seed,
+                                variation="wide")
+        paths[name] = str(datalist)
+    check_disjoint(paths["unlabelled"], [paths["headline"], paths["selection"], paths["control"]])
+    store = work / "store"
+    if not (store / "manifest.json").is_file():
+        code = run_preprocess(["--config", str(work / "configs" / "pretrain" / "demo_ct.yaml"), "--out", str(store),
+                               "--data.init_args.datalist", paths["unlabelled"], "--no-progress"])
+        if code:
+            raise SystemExit(code)
+    paths["store"] = str(store)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- the task graph
+def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[dict]:
+    """Every run as ``{name, deps, fn, kwargs}``; ``kwargs`` may be a function of the finished results
+    (the chosen budget and recipe are read when the runs that choose them are done)."""
+    from transfer_runs import choose
+
+    pre = work / "pretrain"
+    final = str(pre / f"encoder_{args.pretrain_steps}.pt")
+    control = str(work / "control" / "encoder.pt")
+    out: list[dict] = [{"name": "pretrain_control", "deps": [], "fn": "supervised", "kwargs": dict(
+        datalist=data["control"], out=str(work / "control"), steps=args.control_steps, seed=0)}]
+    previous: list[str] = []
+    for m in sorted(args.milestones):  # one schedule of pretrain_steps, run milestone by milestone (resumed exactly)
+        out.append({"name": f"pretrain_spark_{m}", "deps": previous, "fn": "pretrain", "kwargs": dict(
+            store=data["store"], out=str(pre), steps=args.pretrain_steps, stop=m, seed=0)})
+        previous = [f"pretrain_spark_{m}"]
+    last_pretrain = previous[0]
+    sel = dict(datalist=data["selection"], n=1, steps=args.selection_steps, eval_every=args.selection_steps)
+    for seed in args.selection_seeds:
+        out.append({"name": f"select_budget_0_s{seed}", "deps": [], "fn": "finetune",
+                    "kwargs": dict(sel, encoder=None, seed=seed, recipe="config")})
+        for m in args.milestones:
+            out.append({"name": f"select_budget_{m}_s{seed}", "deps": [f"pretrain_spark_{m}"], "fn": "finetune",
+                        "kwargs": dict(sel, encoder=str(pre / f"encoder_{m}.pt"), seed=seed, recipe="config")})
+        for recipe in args.recipes:
+            if recipe != "config":
+                out.append({"name": f"select_recipe_{recipe}_s{seed}", "deps": [last_pretrain], "fn": "finetune",
+                            "kwargs": dict(sel, encoder=final, seed=seed, recipe=recipe)})
+    budget_runs = [t["name"] for t in out if t["name"].startswith("select_budget_")]
+
+    def spark_encoder(extra: dict):
+        def make(results: dict) -> dict:
+            return dict(extra, encoder=str(pre / f"encoder_{choose(results, args)[0]}.pt"))
+        return make
+
+    # every headline arm fine-tunes with the config's recipe (the same way); the recipe chosen on the selection
+    # split is what the shipped configs apply to pretrained encoders (model.init_args.pretrained_recipe)
+    for n in args.labelled:
+        for seed in args.seeds:
+            common = dict(datalist=data["headline"], n=n, steps=args.finetune_steps, eval_every=args.eval_every,
+                          seed=seed, recipe="config")
+            out.append({"name": f"ft_n{n}_scratch_s{seed}", "deps": [], "fn": "finetune",
+                        "kwargs": dict(common, encoder=None)})
+            out.append({"name": f"ft_n{n}_control_s{seed}", "deps": ["pretrain_control"], "fn": "finetune",
+                        "kwargs": dict(common, encoder=control)})
+            out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": budget_runs, "fn": "finetune",
+                        "kwargs": spark_encoder(common)})
+    for seed in args.seeds:
+        common = dict(datalist=data["headline"], n=max(args.labelled), steps=args.probe_steps,
+                      eval_every=args.probe_steps, seed=seed, freeze=True, recipe="config")
+        out.append({"name": f"probe_random_s{seed}", "deps": [], "fn": "finetune", "kwargs": dict(common, encoder=None)})
+        out.append({"name": f"probe_control_s{seed}", "deps": ["pretrain_control"], "fn": "finetune",
+                    "kwargs": dict(common, encoder=control)})
+        out.append({"name": f"probe_spark_s{seed}", "deps": budget_runs, "fn": "finetune", "kwargs": spark_encoder(common)})
+    return out
+
+
+def _priority(task: dict) -> int:
+    """SparK pretraining (the longest chain) first, then the control's encoder and the headline runs by labelled-set
+    size (1 and 2 first: scratch vs control is the protocol check), the budget curve, the probes, the recipes."""
+    name = task["name"]
+    order = ("pretrain_spark", "pretrain_control", "ft_n", "select_budget_", "probe_", "select_recipe_")
+    return next(i for i, prefix in enumerate(order) if name.startswith(prefix))
+
+
+def run_all(work: Path, args: argparse.Namespace, graph: list[dict]) -> dict[str, dict]:
+    """Run every unfinished task, ``--workers`` at a time, dependencies first; returns every result."""
+    from transfer_runs import execute, load_result
+
+    results = {t["name"]: r for t in graph if (r := load_result(work, t["name"])) is not None}
+    pending = [t for t in graph if t["name"] not in results]
+    print(f"transfer study: {len(results)} runs done, {len(pending)} to run ({args.workers} at a time)", flush=True)
+
+    def start(pool, t):
+        kwargs = t["kwargs"](results) if callable(t["kwargs"]) else t["kwargs"]
+        if pool is None:
+            return execute(str(work), t["name"], t["fn"], kwargs)
+        return pool.submit(execute, str(work), t["name"], t["fn"], kwargs)
+
+    t0 = time.time()
+    pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) if args.workers > 1 else None
+    running: dict = {}
+    try:
+        while pending or running:
+            ready = sorted([t for t in pending if all(d in results for d in t["deps"])], key=_priority)
+            while ready and (pool is None and not running or pool is not None and len(running) < args.workers):
+                t = ready.pop(0)
+                pending.remove(t)
+                if pool is None:
+                    results[t["name"]] = start(None, t)
+                    print(f"  [{time.time() - t0:6.0f} s] {t['name']} done", flush=True)
+                    write_outputs(work, args, results)
+                else:
+                    running[start(pool, t)] = t["name"]
+            if not running:
+                if pending and not ready and pool is not None:
+                    raise RuntimeError(f"unrunnable tasks: {[t['name'] for t in pending]}")
+                continue
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                name = running.pop(fut)
+                results[name] = fut.result()
+                print(f"  [{time.time() - t0:6.0f} s] {name} done", flush=True)
+                write_outputs(work, args, results)  # what exists so far, after every run
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from spark3d.errors import Spark3dError
+
+    work = Path(args.work)
+    try:
+        check_args(args)
+        if args.report_only:
+            from transfer_runs import load_result
+
+            results = {p.stem: load_result(work, p.stem) for p in sorted((work / "runs").glob("*.json"))}
+            write_outputs(work, args, results)
+            return 0
+        work.mkdir(parents=True, exist_ok=True)
+        data = write_data(work, args)
+        graph = tasks(work, args, data)
+        t0 = time.time()
+        results = run_all(work, args, graph)
+        summary = write_outputs(work, args, results, wall_seconds=time.time() - t0)
+    except Spark3dError as err:
+        print(f"transfer: {err}", file=sys.stderr)
+        return 2
+    for line in summary["lines"]:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""The runs of the transfer study (benchmarks/transfer.py): SparK pretraining from a CT store, the supervised
+positive control, fine-tuning with Dice every few steps; each run's result is a JSON in WORK/runs (resumable)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+# the candidate fine-tuning recipes for pretrained encoders (chosen on the selection split, never on validation)
+RECIPES = {
+    "config": {},  # configs/finetune/demo_ct.yaml as it is
+    "layer_decay": {"layer_decay": 0.7, "warmup_fraction": 0.1},  # deeper encoder levels move less, longer warm-up
+    "freeze": {"freeze_fraction": 0.1},  # the encoder frozen for the first 10 % of the steps
+}
+
+
+def snapshot_configs(work: str | Path) -> None:
+    """Copy the demo configs into WORK once: a resumed study runs with the configs it started with."""
+    for kind in ("pretrain", "finetune"):
+        dest = Path(work) / "configs" / kind / "demo_ct.yaml"
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text((CONFIGS / kind / "demo_ct.yaml").read_text())
+
+
+def _config(kind: str) -> dict:
+    """The study's snapshot of the demo config of ``kind`` (set in the worker by :func:`execute`)."""
+    import yaml
+
+    return yaml.safe_load((_CONFIG_ROOT[0] / kind / "demo_ct.yaml").read_text())
+
+
+_CONFIG_ROOT = [CONFIGS]
+
+
+def load_result(work: str | Path, name: str) -> dict | None:
+    """A finished run's result (None when it has not finished)."""
+    path = Path(work) / "runs" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _image_hashes(datalist: str) -> dict[str, str]:
+    """sha256 of every image's voxels (not its file bytes: a re-saved copy is the same case)."""
+    import nibabel as nib
+    import numpy as np
+
+    root = Path(datalist).parent
+    d = json.loads(Path(datalist).read_text())
+    out = {}
+    for entry in d.get("training", []) + d.get("validation", []):
+        path = root / entry["image"]
+        out[hashlib.sha256(np.ascontiguousarray(nib.load(path).get_fdata(dtype=np.float32)).tobytes()).hexdigest()] = str(path)
+    return out
+
+
+def check_disjoint(unlabelled: str, labelled: list[str]) -> None:
+    """Refuse (one line) an unlabelled pool that holds a case of a labelled or validation set."""
+    from spark3d.errors import DataError
+
+    pool = _image_hashes(unlabelled)
+    for datalist in labelled:
+        for digest, path in _image_hashes(datalist).items():
+            if digest in pool:
+                raise DataError(f"unlabelled pool {unlabelled} contains {pool[digest]}, the same volume as the labelled "
+                                f"case {path}: pretraining would see the evaluation data")
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def execute(work: str, name: str, fn: str, kwargs: dict) -> dict:
+    """Run one task in this process (one torch thread) and store its result."""
+    import torch
+
+    _quiet()
+    torch.set_num_threads(1)
+    _CONFIG_ROOT[0] = Path(work) / "configs"
+    t0 = time.time()
+    result = {"pretrain": pretrain, "supervised": supervised, "finetune": finetune}[fn](**kwargs)
+    result.update(name=name, fn=fn, kwargs=kwargs, seconds=time.time() - t0)
+    path = Path(work) / "runs" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
+
+
+def _trainer(steps: int, root: str, callbacks: list, eval_every: int | None = None, plugins: list | None = None):
+    import pytorch_lightning as pl
+
+    val = {"val_check_interval": eval_every, "check_val_every_n_epoch": None} if eval_every else {"limit_val_batches": 0}
+    checkpointing = any(isinstance(c, pl.callbacks.Checkpoint) for c in callbacks)
+    return pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+                      enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=root, plugins=plugins, **val)
+
+
+def pretrain(store: str, out: str, steps: int, stop: int, seed: int) -> dict:
+    """SparK pretraining of the demo network from the CT store, a ``steps``-step schedule run up to step ``stop``
+    (a milestone: ``encoder_<stop>.pt``); resumes exactly from ``out/checkpoints/last.ckpt`` (written at every
+    milestone and every 100 steps), so a killed study loses at most 100 steps."""
+    import pytorch_lightning as pl
+
+    from spark3d.data import CTPretrainData
+    from spark3d.train import SparKPretrain
+    from spark3d.train.callbacks import PeriodicCheckpoint, ResumeState, SafeCheckpointIO
+
+    cfg = _config("pretrain")
+    pl.seed_everything(seed, verbose=False)
+    data_args = dict(cfg["data"]["init_args"], datalist=None, store=store, num_workers=0)
+    data = CTPretrainData(**data_args)
+    data.in_channels = 1
+    model = SparKPretrain(**dict(cfg["model"]["init_args"], figure_every_n_epochs=10**9), input_size=data.roi_size)
+    last = Path(out) / "checkpoints" / "last.ckpt"
+    losses: list[tuple[int, float]] = []
+    start = [0]
+
+    class Milestone(pl.Callback):
+        def on_train_start(self, trainer, module):
+            start[0] = trainer.global_step
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % 10 == 0 or step == stop:
+                losses.append((step, float(outputs["loss"])))
+            if step >= stop:
+                module.save_encoder(Path(out) / f"encoder_{stop}.pt")
+                trainer.save_checkpoint(last)
+                trainer.should_stop = True
+
+    t0 = time.time()
+    trainer = _trainer(steps, out, [PeriodicCheckpoint(last.parent, 100, 0), ResumeState(), Milestone()], None,
+                       plugins=[SafeCheckpointIO()])
+    trainer.fit(model, data, ckpt_path=str(last) if last.is_file() else None)
+    return {"losses": losses, "seconds_per_step": (time.time() - t0) / max(1, stop - start[0]), "resumed_at": start[0],
+            "encoder": str(Path(out) / f"encoder_{stop}.pt"),
+            "compute": model.model.compute_path(model.model.random_mask(1))}  # the path the run's masks took
+
+
+def supervised(datalist: str, out: str, steps: int, seed: int) -> dict:
+    """The positive control's encoder: the demo network trained on the control pool's labels, its encoder tensors
+    written as an encoder.pt (same keys and format as SparK's)."""
+    import pytorch_lightning as pl
+
+    from spark3d.checkpoint import write_encoder
+    from spark3d.networks import encoder_state_of
+
+    module, data = _segmentation(datalist, None, seed, None, "config", steps, val=False)
+    t0 = time.time()
+    _trainer(steps, out, [], None).fit(module, data)
+    spec = module.spec
+    meta = {"method": "supervised", "backbone": spec.name, "source": spec.source, "backbone_kwargs": dict(spec.kwargs),
+            "spatial_dims": spec.spatial_dims, "in_channels": spec.in_channels, "global_step": steps,
+            "spacing": list(data.spacing), "intensity_range": list(data.intensity_range)}
+    write_encoder(Path(out) / "encoder.pt", encoder_state_of(module.network, spec), meta)
+    return {"seconds_per_step": (time.time() - t0) / steps, "encoder": str(Path(out) / "encoder.pt")}
+
+
+def _segmentation(datalist: str, n: int | None, seed: int, encoder: str | None, recipe: str, steps: int,
+                  val: bool = True, freeze: bool = False):
+    """The demo fine-tuning module and data, seeded; ``recipe`` from :data:`RECIPES`."""
+    import pytorch_lightning as pl
+
+    from spark3d.data import SegmentationData
+    from spark3d.train import SegmentationModule
+
+    cfg = _config("finetune")
+    pl.seed_everything(seed, verbose=False)  # the same network init and data order for every arm of a seed
+    data_args = dict(cfg["data"]["init_args"], datalist=datalist, max_train_cases=n, num_workers=0)
+    if not val:
+        data_args["val_key"] = None
+    data = SegmentationData(**data_args)
+    data.in_channels = 1
+    cases = n or len(json.loads(Path(datalist).read_text())["training"])
+    model_args = dict(cfg["model"]["init_args"], pretrained=encoder, roi_size=data.roi_size)
+    r = RECIPES[recipe]
+    if "layer_decay" in r:
+        model_args["layer_decay"] = r["layer_decay"]
+    if "warmup_fraction" in r:
+        model_args["warmup_epochs"] = r["warmup_fraction"] * steps / cases  # an epoch is `cases` steps here
+    if "freeze_fraction" in r:
+        model_args["freeze_encoder_epochs"] = max(1, round(r["freeze_fraction"] * steps / cases))
+    if freeze:
+        model_args["freeze_encoder_epochs"] = 10**9
+    return SegmentationModule(**model_args), data
+
+
+def finetune(datalist: str, n: int, seed: int, steps: int, eval_every: int, encoder: str | None, recipe: str,
+             freeze: bool = False) -> dict:
+    """One fine-tuning run: validation Dice (13 organs) every ``eval_every`` steps, encoder drift, chain checks."""
+    import pytorch_lightning as pl
+    import torch
+
+    from spark3d.networks import encoder_children, encoder_state_of
+
+    module, data = _segmentation(datalist, n, seed, encoder, recipe, steps, freeze=freeze)
+    chain = {}
+    if encoder is not None:
+        from spark3d.checkpoint import read_encoder
+
+        state, _ = read_encoder(encoder)
+        loaded = encoder_state_of(module.network, module.spec)
+        chain = {"file_tensors": len(state), "matched": module.pretrained_report["matched"],
+                 "max_abs_diff_after_load": max(float((loaded[k].float() - v.float()).abs().max()) for k, v in state.items()),
+                 "norm_layers": sorted({type(m).__name__ for m in module.network.modules()
+                                        if "Norm" in type(m).__name__})}
+    start = [p.detach().clone() for p in encoder_children(module.network, module.spec).parameters()]
+    evals: list[dict] = []
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer, pm):
+            if trainer.sanity_checking:
+                return
+            m = trainer.callback_metrics
+            now = list(encoder_children(pm.network, pm.spec).parameters())
+            drift = float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(now, start)))
+                          / torch.sqrt(sum((b ** 2).sum() for b in start)))
+            evals.append({"step": int(trainer.global_step), "mean_dice": float(m["val/mean_dice"]),
+                          "organs": {k.split("/")[-1]: float(v) for k, v in m.items() if k.startswith("val/dice/")},
+                          "encoder_drift": drift})
+
+    t0 = time.time()
+    _trainer(steps, str(Path(datalist).parent / ".runs"), [Record()], eval_every).fit(module, data)
+    chain["input_mismatches"] = list(module.input_mismatches)
+    return {"evals": evals, "seconds_per_step": (time.time() - t0) / steps, "chain": chain,
+            "organs": list(module.label_names[1:])}
+
+
+def choose(results: dict, args) -> tuple[int, str]:
+    """The pretraining budget (the milestone with the best mean selection Dice; the earlier one on a tie) and the
+    recipe for pretrained encoders (likewise), from the selection runs only."""
+    def mean(prefix: str) -> float:
+        vals = [r["evals"][-1]["mean_dice"] for k, r in results.items() if k.startswith(prefix + "_s")]
+        return statistics.mean(vals) if vals else float("-inf")
+
+    budget = max(sorted(args.milestones), key=lambda m: mean(f"select_budget_{m}"))
+    scores = {r: mean(f"select_budget_{args.pretrain_steps}" if r == "config" else f"select_recipe_{r}")
+              for r in args.recipes}
+    recipe = max(args.recipes, key=lambda r: scores[r])
+    return budget, recipe

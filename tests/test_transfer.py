@@ -1,0 +1,168 @@
+"""benchmarks/transfer.py: the quick study end to end (every CSV row, the PNG and the JSON agree), its refusals,
+and the library pieces it relies on (wide phantoms, the supervised encoder.pt, the input-mismatch check)."""
+
+import csv
+import importlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def transfer():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("transfer")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "docs" / "transfer"
+    argv = ["--quick", "--work", str(work), "--out", str(out), "--workers", "1"]
+    assert transfer.main(argv) == 0
+    args = transfer.parse(argv)
+    with out.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    evals = [str(s) for s in range(args.eval_every, args.finetune_steps + 1, args.eval_every)]
+    expected = {("finetune", arm, str(n), str(seed), step) for n in args.labelled for seed in args.seeds
+                for arm in ("scratch", "spark", "control") for step in evals}
+    expected |= {("probe", arm, str(max(args.labelled)), str(seed), str(args.probe_steps)) for seed in args.seeds
+                 for arm in ("random", "spark", "control")}
+    expected |= {("selection_budget", "scratch" if m == 0 else f"spark@{m}", "1", str(s), str(args.selection_steps))
+                 for s in args.selection_seeds for m in [0, *args.milestones]}
+    expected |= {("selection_recipe", "layer_decay", "1", str(s), str(args.selection_steps)) for s in args.selection_seeds}
+    got = [(r["kind"], r["arm"], r["labelled"], r["seed"], r["step"]) for r in rows]
+    assert sorted(got) == sorted(expected)  # every run and evaluation step, once
+    organs = list(rows[0])[list(rows[0]).index("encoder_drift") + 1:]
+    assert len(organs) == 13 and "liver" in organs
+    for r in rows:  # the mean is the mean of the organs present in the validation labels
+        present = [float(r[o]) for o in organs if r[o] != ""]
+        assert abs(float(r["mean_dice"]) - statistics.mean(present)) < 1e-3
+        assert (float(r["encoder_drift"]) == 0.0) == (r["kind"] == "probe")  # a frozen encoder does not move
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["csv_rows"] == len(rows)
+    assert set(summary["runs"]) == {r["run"] for r in rows} | {f"pretrain_spark_{m}" for m in args.milestones} | {
+        "pretrain_control"}
+    assert summary["options"]["seeds"] == args.seeds and summary["machine"]["torch"] == torch.__version__
+    assert {(t["labelled"], t["arm"]) for t in summary["tests"]} == {(n, a) for n in args.labelled
+                                                                       for a in ("control", "spark")}
+    for t in summary["tests"]:  # the JSON's statistics are the CSV's (sample sd, ddof=1)
+        final = [float(r["mean_dice"]) for r in rows if r["kind"] == "finetune" and r["arm"] == t["arm"]
+                 and r["labelled"] == str(t["labelled"]) and r["step"] == evals[-1]]
+        assert t["arm_mean"] == pytest.approx(statistics.mean(final), abs=1e-3)
+        assert t["arm_sd"] == pytest.approx(statistics.stdev(final), abs=1e-3)
+    chain = summary["chain"]["spark"]
+    assert chain["matched"] == chain["file_tensors"] > 0 and chain["max_abs_diff_after_load"] == 0.0
+    assert summary["pretraining"]["compute"] == "sparse"
+    image = np.asarray(Image.open(out.with_suffix(".png")).convert("RGB"))
+    assert image.shape[1] > 1000 and image.std() > 10
+    # resumable: a second call runs nothing and writes the same rows
+    capsys.readouterr()
+    assert transfer.main(argv) == 0
+    assert "0 to run" in capsys.readouterr().out
+    with out.with_suffix(".csv").open() as f:
+        assert list(csv.DictReader(f)) == rows
+
+
+@pytest.mark.parametrize("extra, words", [(["--seeds", "0"], "at least 2 seeds"),
+                                          (["--unlabelled-seed", "10"], "labelled cases")])
+def test_bad_options_get_one_line_and_write_nothing(transfer, tmp_path, capsys, extra, words):
+    work = tmp_path / "work"
+    assert transfer.main(["--quick", "--work", str(work), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not work.exists()
+
+
+def test_labelled_case_in_the_unlabelled_pool_is_refused(tmp_path):
+    from spark3d.data.phantoms import write_btcv_phantoms
+    from spark3d.errors import DataError
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from transfer_runs import check_disjoint
+    finally:
+        sys.path.remove(str(BENCH))
+    labelled = write_btcv_phantoms(tmp_path / "l", n_train=1, n_val=1, n_test=0, shape=(24, 24, 12), seed=3)
+    other = write_btcv_phantoms(tmp_path / "u", n_train=2, n_val=0, n_test=0, shape=(24, 24, 12), seed=4)
+    check_disjoint(str(other), [str(labelled)])  # disjoint seeds: accepted
+    same = write_btcv_phantoms(tmp_path / "s", n_train=3, n_val=0, n_test=0, shape=(24, 24, 12), seed=3)
+    with pytest.raises(DataError, match="img0001.nii.gz, the same volume as the labelled case") as err:
+        check_disjoint(str(same), [str(labelled)])
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_wide_phantoms_vary_more_and_stay_deterministic():
+    from spark3d.data.phantoms import make_phantom
+
+    a = make_phantom(5, (48, 48, 24), variation="wide")
+    assert all(np.array_equal(x, y) for x, y in zip(a, make_phantom(5, (48, 48, 24), variation="wide")))
+    assert set(np.unique(a[1])) == set(range(14))
+
+    def spread(variation):
+        livers = [(make_phantom(s, (48, 48, 24), variation=variation)[1] == 6).sum() for s in range(6)]
+        return np.std(livers) / np.mean(livers)
+
+    assert spread("wide") > 1.5 * spread("standard")
+
+
+def test_supervised_encoder_round_trips_and_foreign_encoder_is_refused(tmp_path):
+    from spark3d.backbones import BackboneSpec
+    from spark3d.checkpoint import write_encoder
+    from spark3d.errors import CheckpointError
+    from spark3d.networks import build_segmentation_network, encoder_state_of, load_pretrained_encoder
+
+    kwargs = {"init_filters": 8, "blocks_down": [1, 2, 2, 2]}
+    spec = BackboneSpec("segresnet", "monai", 3, 1, kwargs)
+    torch.manual_seed(0)
+    trained = build_segmentation_network(spec, 14)
+    meta = {"backbone": "segresnet", "source": "monai", "spatial_dims": 3, "in_channels": 1}
+    path = write_encoder(tmp_path / "encoder.pt", encoder_state_of(trained, spec), meta)
+    torch.manual_seed(1)
+    fresh = build_segmentation_network(spec, 14)
+    report = load_pretrained_encoder(fresh, path, spec)
+    after = encoder_state_of(fresh, spec)
+    assert report["matched"] == len(after) > 0
+    assert all(torch.equal(after[k], v) for k, v in encoder_state_of(trained, spec).items())
+    foreign = write_encoder(tmp_path / "other.pt", encoder_state_of(trained, spec), {**meta, "backbone": "resnet18"})
+    with pytest.raises(CheckpointError, match="backbone='resnet18'") as err:
+        load_pretrained_encoder(build_segmentation_network(spec, 14), foreign, spec)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_pretraining_and_finetuning_inputs_are_compared():
+    from spark3d.networks import pretraining_mismatches
+
+    meta = {"spacing": [6.0, 6.0, 6.0], "intensity_range": [-1000.0, 1000.0]}
+    same = {"spacing": (6.0, 6.0, 6.0), "intensity_range": (-1000.0, 1000.0)}
+    assert pretraining_mismatches(meta, same) == []
+    found = pretraining_mismatches(meta, {**same, "intensity_range": (-175.0, 250.0)})
+    assert len(found) == 1 and found[0].startswith("intensity_range")
+
+
+def test_pretrained_recipe_applies_only_with_a_pretrained_encoder(tmp_path):
+    from spark3d.checkpoint import write_encoder
+    from spark3d.errors import ConfigError
+    from spark3d.networks import encoder_state_of
+    from spark3d.train import SegmentationModule
+
+    kw = {"backbone_kwargs": {"init_filters": 8, "blocks_down": [1, 2, 2, 2]}, "roi_size": (32, 32, 32), "lr": 0.01,
+          "pretrained_recipe": {"layer_decay": 0.5, "lr": 0.002}}
+    scratch = SegmentationModule(**kw)
+    meta = {"backbone": "segresnet", "source": "monai", "spatial_dims": 3, "in_channels": 1}
+    path = write_encoder(tmp_path / "encoder.pt", encoder_state_of(scratch.network, scratch.spec), meta)
+    pretrained = SegmentationModule(**kw, pretrained=str(path))
+    assert {g["lr"] for g in scratch._param_groups()} == {0.01}
+    lrs = sorted({g["lr"] for g in pretrained._param_groups()})
+    assert lrs[-1] == pytest.approx(0.002) and lrs[0] == pytest.approx(0.002 * 0.5**4)  # 4 encoder levels below
+    with pytest.raises(ConfigError, match="pretrained_recipe"):
+        SegmentationModule(**{**kw, "pretrained_recipe": {"momentum": 0.9}})
