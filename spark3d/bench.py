@@ -307,6 +307,11 @@ def _plan(method: MaskedModelingMethod, mask: torch.Tensor, say: Callable[[str],
     """The sparse path's plan under ``mask`` (one line per converted layer, counts first) and the decision line."""
     if not hasattr(method, "compute_plan"):
         return [], None
+    if not hasattr(method, "sparse_check"):  # ConvMAE: its conv part's plan is one dict, no per-layer check
+        plan = method.compute_plan(mask)
+        decision = f"{plan['path']} ({plan['reason']})"
+        say(f"  sparse path: {decision}")
+        return [f"{k}: {v}" for k, v in plan.items()], decision
     from .sparse.verify import plan_lines
 
     try:
