@@ -22,7 +22,7 @@ def run_pretrain(argv: list[str]) -> int:
         return 2
     code = run_fit(cli, "pretraining")
     encoder = f"{cli.trainer.default_root_dir}/encoder.pt"
-    if cli.trainer.is_global_zero and os.path.isfile(encoder):
+    if code == 0 and cli.trainer.is_global_zero and os.path.isfile(encoder):  # an interrupted run's is not final
         print(f"  encoder: {encoder}", file=sys.stderr)
     return code
 
