@@ -16,7 +16,8 @@ import yaml
 
 from ..errors import ConfigError, Spark3dError
 
-__all__ = ["RUN_ONLY_KEYS", "RECORDED_KEYS", "read_config_file", "prepare_config_args", "explain_parse_error", "name_link_source"]
+__all__ = ["RUN_ONLY_KEYS", "RECORDED_KEYS", "read_config_file", "prepare_config_args", "explain_parse_error",
+           "name_link_source"]
 
 # how a run was started, not what it is: taken from the command line only, never from a config file (a run's
 # config.yaml records them; `overwrite: true` or `ckpt_path: …` carried into another command would delete a run
