@@ -37,6 +37,7 @@ COMMANDS = {
                  "and with --decoder efficient --modes sparse into perf_step_ct_segresnet_after.json",
     "resenc_step": "python benchmarks/resenc_step.py --size 96 --batch 2 --repeats 3 --json docs/results/resenc_step.json",
     "probe": "python benchmarks/probe.py --work runs/probe --seeds 0 1 2 --json docs/results/probe.json",
+    "transfer": "python benchmarks/transfer.py --work runs/transfer --out docs/transfer",
 }
 # the row order of the per-network tables (file-name stems after the prefix); other files follow, sorted
 NETWORK_ORDER = ["ct_segresnet", "ct_resnet50", "ct_mednext", "ct_resenc_l", "dynunet", "timm_resnet50",
@@ -223,9 +224,52 @@ def render_probe(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_transfer(results: Path) -> str:
+    """The transfer study's tests of the goal, probe, budget curve and recipe choice (``docs/transfer.json``)."""
+    path = results.parent / "transfer.json"
+    study = load(path)
+    if study is None:
+        return missing("transfer")
+    arms = {"control": "supervised control", "spark": "SparK", "random": "random (scratch)"}
+    lines = ["| labelled | arm | arm Dice | scratch Dice | difference | 2 pooled sd | beats scratch by > 2 pooled sd "
+             "| first step at scratch's final Dice |", "|---|---|---|---|---|---|---|---|"]
+    for t in study["tests"]:
+        lines.append(f"| {t['labelled']} | {arms[t['arm']]} | {t['arm_mean']:.3f} ± {num(t['arm_sd'], 3)} | "
+                     f"{t['scratch_mean']:.3f} ± {num(t['scratch_sd'], 3)} | {t['difference']:+.3f} | "
+                     f"{2 * t['pooled_sd']:.3f} | {'**yes**' if t['beats_by_2_pooled_sd'] else 'no'} | "
+                     f"{t['steps_to_scratch_final'] if t['steps_to_scratch_final'] is not None else 'not reached'} "
+                     f"of {t['step']} |")
+    o = study["options"]
+    probe = study.get("probe") or {}
+    budget = study.get("budget_curve") or {}
+    chosen = study.get("chosen", {})
+    lines += ["", f"Mean ± sample sd over seeds {', '.join(map(str, o['seeds']))}, validation Dice of 13 organs on "
+              f"{o['val_cases']} cases after {o['finetune_steps']} fine-tuning steps."]
+    if probe:
+        lines.append(f"Frozen-encoder probe ({o['probe_steps']} steps, {max(o['labelled'])} labelled): "
+                     + "; ".join(f"{arms[a]} {mean_sd(probe[a])}" for a in ("random", "spark", "control") if a in probe)
+                     + ".")
+    if budget:
+        lines.append(f"Budget curve (selection split, 1 labelled, {o['selection_steps']} steps; 0 = scratch): "
+                     + "; ".join(f"{k} steps {mean_sd(v)}" for k, v in budget.items())
+                     + f". Chosen: {chosen.get('pretrain_budget')} pretraining steps.")
+    if study.get("recipe_scores") is not None and chosen.get("recipe"):
+        lines.append(f"Recipe for pretrained encoders (selection split): "
+                     + "; ".join(f"`{r}` {mean_sd(v)}" for r, v in study["recipe_scores"].items())
+                     + f"; `config` is the budget run above. Chosen: `{chosen['recipe']}`.")
+    pre = study.get("pretraining") or {}
+    wall = study.get("wall_seconds")
+    lines.append(f"{study['status']['runs_done']} runs; SparK pretraining {num(pre.get('seconds_per_step'))} s/step "
+                 f"({pre.get('compute', '?')} path); whole study "
+                 f"{'not timed in one run' if wall is None else f'{wall / 60:.1f} min'} with {o['workers']} workers. "
+                 f"Source: {source(path, study)}.")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "demo": render_demo, "data_throughput": render_data_throughput, "perf_encoder": render_perf_encoder,
-    "perf_step": render_perf_step, "resenc_step": render_resenc_step, "probe": render_probe}
+    "perf_step": render_perf_step, "resenc_step": render_resenc_step, "probe": render_probe,
+    "transfer": render_transfer}
 
 
 # ------------------------------------------------------------------------------------------------ the rewrite

@@ -181,7 +181,7 @@ def _priority(task: dict) -> int:
     return next(i for i, prefix in enumerate(order) if name.startswith(prefix))
 
 
-def run_all(work: Path, args: argparse.Namespace, graph: list[dict]) -> dict[str, dict]:
+def run_all(work: Path, args: argparse.Namespace, graph: list[dict], command: list[str]) -> dict[str, dict]:
     """Run every unfinished task, ``--workers`` at a time, dependencies first; returns every result."""
     from transfer_runs import execute, load_result
 
@@ -207,7 +207,7 @@ def run_all(work: Path, args: argparse.Namespace, graph: list[dict]) -> dict[str
                 if pool is None:
                     results[t["name"]] = start(None, t)
                     print(f"  [{time.time() - t0:6.0f} s] {t['name']} done", flush=True)
-                    write_outputs(work, args, results)
+                    write_outputs(work, args, results, command=command)
                 else:
                     running[start(pool, t)] = t["name"]
             if not running:
@@ -219,7 +219,7 @@ def run_all(work: Path, args: argparse.Namespace, graph: list[dict]) -> dict[str
                 name = running.pop(fut)
                 results[name] = fut.result()
                 print(f"  [{time.time() - t0:6.0f} s] {name} done", flush=True)
-                write_outputs(work, args, results)  # what exists so far, after every run
+                write_outputs(work, args, results, command=command)  # what exists so far, after every run
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from spark3d.errors import Spark3dError
 
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = ["python", "benchmarks/transfer.py", *(w for w in words if w != "--report-only")]
+
     work = Path(args.work)
     try:
         check_args(args)
@@ -237,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
             from transfer_runs import load_result
 
             results = {p.stem: load_result(work, p.stem) for p in sorted((work / "runs").glob("*.json"))}
-            write_outputs(work, args, results)
+            write_outputs(work, args, results, command=command)
             return 0
         work.mkdir(parents=True, exist_ok=True)
         data = write_data(work, args)
         graph = tasks(work, args, data)
         t0 = time.time()
-        results = run_all(work, args, graph)
-        summary = write_outputs(work, args, results, wall_seconds=time.time() - t0)
+        results = run_all(work, args, graph, command)
+        summary = write_outputs(work, args, results, wall_seconds=time.time() - t0, command=command)
     except Spark3dError as err:
         print(f"transfer: {err}", file=sys.stderr)
         return 2

@@ -174,8 +174,13 @@ def machine() -> dict:
             "spark3d": __version__, "torch_threads_per_run": 1}
 
 
-def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = None) -> dict:
-    """OUT.csv, OUT.png and OUT.json from every finished run; returns the JSON's content."""
+def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = None,
+                  command: list[str] | None = None) -> dict:
+    """OUT.csv, OUT.png and OUT.json from every finished run; returns the JSON's content. ``command``: the words
+    of the study's command (its provenance; ``--report-only`` keeps the wall time the study's run recorded)."""
+    previous = Path(args.out).with_suffix(".json")
+    if wall_seconds is None and args.report_only and previous.is_file():
+        wall_seconds = json.loads(previous.read_text()).get("wall_seconds")
     from transfer_runs import RECIPES, choose
 
     rows, organs = rows_of(results)
@@ -194,6 +199,17 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
                                   "seconds": sum(p["seconds"] for p in parts),
                                   "milestones_done": [p["kwargs"]["stop"] for p in parts]}
     ctl = results.get("pretrain_control")
+    probe: dict = {}
+    budget_curve: dict = {}
+    for r in rows:
+        if r["kind"] == "probe":
+            probe.setdefault(r["arm"], []).append(r["mean_dice"])
+        elif r["kind"] == "selection_budget":
+            budget_curve.setdefault(0 if r["arm"] == "scratch" else int(r["arm"].split("@")[1]), []).append(r["mean_dice"])
+    recipe_scores = {}
+    for r in rows:
+        if r["kind"] == "selection_recipe":
+            recipe_scores.setdefault(r["arm"], []).append(r["mean_dice"])
     chain = {arm: next((r["chain"] for k, r in sorted(results.items()) if k.startswith(f"ft_n") and f"_{arm}_" in k
                         and r.get("chain")), None) for arm in ("spark", "control")}
     head = [f"transfer study: {len(rows)} CSV rows from {sum(1 for r in results.values() if r)} runs"
@@ -205,12 +221,18 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
         "status": {"runs_done": sum(1 for r in results.values() if r), "pretraining_milestones_done":
                    None if pre is None else pre["milestones_done"]},
         "chosen": {"pretrain_budget": budget, "recipe": recipe}, "tests": tests, "chain": chain,
+        "probe": probe, "budget_curve": {str(k): v for k, v in sorted(budget_curve.items())},
+        "recipe_scores": recipe_scores,
         "pretraining": pre,
         "control_pretraining": None if ctl is None else {k: ctl[k] for k in ("seconds_per_step", "seconds")},
         "runs": {k: {"seconds": r["seconds"], "seconds_per_step": r.get("seconds_per_step"), "kwargs": r["kwargs"]}
                  for k, r in sorted(results.items()) if r},
         "csv_rows": len(rows), "wall_seconds": wall_seconds, "lines": head,
     }
+    from spark3d.provenance import provenance
+
+    summary["provenance"] = dict(provenance(command or ["python", "benchmarks/transfer.py"]),
+                                 report_only=bool(args.report_only))
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))
     plot(out.with_suffix(".png"), rows, args,
          f"phantoms ('wide'), demo SegResNet; SparK on {args.unlabelled} unlabelled volumes, budget "

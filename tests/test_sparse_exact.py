@@ -50,6 +50,8 @@ def _features_and_grads(model, x, mask, training):
     ("timm/resnet18", {"drop_path_rate": 0.3}),  # timm DropPath inside residual blocks
     ("mobilenetv3_small_050", {"drop_path_rate": 0.2}),  # squeeze-excitation (x.mean), hard-swish, depthwise
     ("regnety_002", {}),  # SE in every block, group convs
+    ("efficientnet_b0", {"drop_path_rate": 0.2}),  # SE (conv_reduce / conv_expand), depthwise, drop path
+    ("convnext_atto", {"drop_path_rate": 0.2}),  # layer scale, 7x7 depthwise, LayerNorm, drop path
 ])
 def test_sparse_equals_masked_dense_on_perturbed_weights(name, kwargs):
     """Float64, perturbed weights (no zero branch can hide a difference), train and eval, features and gradients;
@@ -186,3 +188,14 @@ def test_the_check_is_weight_independent_and_redone_when_the_structure_changes()
     assert report.exact() and report.gradients > 0  # gradients were compared
     sparse.encoder.network.layer1[0].drop_path = nn.Identity()
     assert sparse.sparse_check(mask) is not report
+
+
+def test_a_data_parallel_replica_is_refused_in_one_line():
+    """nn.DataParallel's replicas (marked ``_is_replica`` by torch's replicate, as on several GPUs) would share one
+    mask context: the forward refuses them and names DDP; the model itself still runs."""
+    model, _, x, mask = _twins("timm/resnet18", 32)
+    replica = copy.copy(model)
+    replica._is_replica = True  # what torch.nn.parallel.replicate sets on every copy it makes
+    with pytest.raises(ConfigError, match=r"^nn\.DataParallel over a SparK model is not supported .* use DDP"):
+        replica(x, mask=mask)
+    assert torch.isfinite(model(x, mask=mask).loss)
