@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -100,6 +99,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_at_start = machine().get("load_average")
+    started = time.time()
 
     base = ConvMAE.from_preset("base", spatial_dims=2, in_channels=3, input_size=(224, 224))
     print(f"2D base preset (224 px, 3 channels): encoder {count(base.encoder) / 1e6:.2f} M parameters, "
@@ -154,22 +154,17 @@ def main() -> None:
             f_masked, f_dense = flops["masked"][key], flops["dense"][key]
             print(f"  {key:<20} {f_masked:10.3f} {f_dense:10.3f}   ratio {f_masked / max(f_dense, 1e-9):.2f}")
     if args.json:
-        import timm
+        from spark3d.provenance import write_result
 
-        from spark3d.version import __version__
-
-        report = {"command": " ".join(["python", *sys.argv]), "config": str(args.config), "input_size": list(masked.input_size),
+        report = {"config": str(args.config), "input_size": list(masked.input_size),
                   "batch": args.batch, "mask_ratio": args.mask_ratio, "visible_tokens": visible, "tokens": total,
                   "compute": args.compute, "plans": plans, "warmup": args.warmup, "repeats": args.repeats,
                   "fresh_mask_every_step": True, "times_s": times, "median_s": medians,
-                  "ratio_masked_to_dense": ratio, "forward_gflops": flops,
-                  "machine": {**machine(), "load_average_at_end": machine().get("load_average"),
-                              "load_average_at_start": load_at_start},
-                  "versions": {"spark3d": __version__, "torch": torch.__version__, "timm": timm.__version__}}
+                  "ratio_masked_to_dense": ratio, "forward_gflops": flops, "load_average_at_start": load_at_start}
         if args.masked_dense:
             report["ratio_masked_dense"] = medians["masked, masked-dense"] / medians["dense, masked-dense"]
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_result(args.json, report, ["python", *sys.argv], started=started)
         print(f"wrote {args.json}")
 
 

@@ -38,6 +38,7 @@ COMMANDS = {
     "resenc_step": "python benchmarks/resenc_step.py --size 96 --batch 2 --repeats 3 --json docs/results/resenc_step.json",
     "probe": "python benchmarks/probe.py --work runs/probe --seeds 0 1 2 --json docs/results/probe.json",
     "transfer": "python benchmarks/transfer.py --work runs/transfer --out docs/transfer",
+    "convmae_step": "python benchmarks/convmae_step.py --batch 2 --repeats 3 --json docs/results/convmae_step.json",
 }
 # the row order of the per-network tables (file-name stems after the prefix); other files follow, sorted
 NETWORK_ORDER = ["ct_segresnet", "ct_resnet50", "ct_mednext", "ct_resenc_l", "dynunet", "timm_resnet50",
@@ -156,14 +157,16 @@ def render_perf_encoder(results: Path) -> str:
     rows = networks(results, "perf_encoder_")
     if not rows:
         return missing("perf_encoder")
-    lines = ["| network | input, batch, mask | masked-dense s | sparse s | time ratio | masked-dense MB | sparse MB | "
-             "memory ratio | encoder GFLOP / sample, masked-dense → sparse |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| network | input, batch, mask | masked-dense s | sparse s (of it: mask setup) | time ratio | "
+             "masked-dense MB | sparse MB | memory ratio | encoder GFLOP / sample, masked-dense → sparse |",
+             "|---|---|---|---|---|---|---|---|---|"]
     sources = []
     for _, path in rows:
         r = json.loads(path.read_text())
         md, sp = r["modes"]["masked-dense"], r["modes"]["sparse"]
         ratio = r["ratios"].get("sparse/masked-dense", {})
-        lines.append(f"| {r['name']} | {setting(r)} | {num(md['median_s'])} | {num(sp['median_s'])} | "
+        setup = f" ({num(sp['setup_s'], 3)})" if sp.get("setup_s") is not None else " (not recorded)"
+        lines.append(f"| {r['name']} | {setting(r)} | {num(md['median_s'])} | {num(sp['median_s'])}{setup} | "
                      f"**{num(ratio.get('time'))}** | {num(md['peak_mb'], 0)} | {num(sp['peak_mb'], 0)} | "
                      f"**{num(ratio.get('memory'))}** | {gflop(md['encoder_gflop'])} → {gflop(sp['encoder_gflop'])} |")
         sources.append(f"- {source(path, r)}")
@@ -254,7 +257,7 @@ def render_transfer(results: Path) -> str:
                      + "; ".join(f"{k} steps {mean_sd(v)}" for k, v in budget.items())
                      + f". Chosen: {chosen.get('pretrain_budget')} pretraining steps.")
     if study.get("recipe_scores") is not None and chosen.get("recipe"):
-        lines.append(f"Recipe for pretrained encoders (selection split): "
+        lines.append("Recipe for pretrained encoders (selection split): "
                      + "; ".join(f"`{r}` {mean_sd(v)}" for r, v in study["recipe_scores"].items())
                      + f"; `config` is the budget run above. Chosen: `{chosen['recipe']}`.")
     pre = study.get("pretraining") or {}
@@ -266,10 +269,31 @@ def render_transfer(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_convmae_step(results: Path) -> str:
+    """ConvMAE's whole step at its mask ratio against the same model with every token visible."""
+    path = results / "convmae_step.json"
+    r = load(path)
+    if r is None:
+        return missing("convmae_step")
+    med = r["median_s"]
+    lines = ["| model | input, batch | compute | step, mask 0 s | step, mask " f"{r['mask_ratio']:g} s | time ratio |",
+             "|---|---|---|---|---|---|",
+             f"| {Path(r['config']).stem} | {'×'.join(map(str, r['input_size']))}, batch {r['batch']} | "
+             f"{r['plans']['masked']['path']} | {num(med['dense'])} | {num(med['masked'])} | "
+             f"**{num(r['ratio_masked_to_dense'])}** |"]
+    if "ratio_masked_dense" in r:
+        lines.append(f"| {Path(r['config']).stem} | {'×'.join(map(str, r['input_size']))}, batch {r['batch']} | "
+                     f"masked-dense | {num(med['dense, masked-dense'])} | {num(med['masked, masked-dense'])} | "
+                     f"**{num(r['ratio_masked_dense'])}** |")
+    lines += ["", f"{r['visible_tokens']} of {r['tokens']} tokens visible; medians of {r['repeats']} interleaved "
+              f"repeats after {r['warmup']} warm-up, a fresh mask every step. Source: {source(path, r)}."]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "demo": render_demo, "data_throughput": render_data_throughput, "perf_encoder": render_perf_encoder,
     "perf_step": render_perf_step, "resenc_step": render_resenc_step, "probe": render_probe,
-    "transfer": render_transfer}
+    "transfer": render_transfer, "convmae_step": render_convmae_step}
 
 
 # ------------------------------------------------------------------------------------------------ the rewrite
