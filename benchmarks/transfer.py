@@ -42,8 +42,8 @@ PROBES = ("random", "spark", "control")
 SEEDS = {"headline": 10, "selection": 11, "control": 12, "unlabelled": 13}  # phantom seeds: disjoint case ids
 FULL = dict(labelled=[1, 2, 4], seeds=[0, 1, 2], val_cases=4, selection_val=2, selection_seeds=[0, 1],
             control_cases=16, unlabelled=64, shape=[96, 96, 48], pretrain_steps=3000,
-            milestones=[500, 1500, 3000], control_steps=400, finetune_steps=300, eval_every=50,
-            probe_steps=150, selection_steps=200, recipes=["config", "layer_decay"])
+            milestones=[500, 1500, 3000], control_steps=400, finetune_steps=200, eval_every=50,
+            probe_steps=100, selection_steps=150, recipes=["config", "layer_decay"])
 QUICK = dict(labelled=[1, 2], seeds=[0, 1], val_cases=1, selection_val=1, selection_seeds=[0],
              control_cases=2, unlabelled=4, shape=[48, 48, 24], pretrain_steps=4, milestones=[2, 4],
              control_steps=4, finetune_steps=4, eval_every=2, probe_steps=2, selection_steps=2,
