@@ -233,7 +233,9 @@ def render_transfer(results: Path) -> str:
     study = load(path)
     if study is None:
         return missing("transfer")
-    arms = {"control": "supervised control", "spark": "SparK", "random": "random (scratch)"}
+    arms = {"control": "supervised control, shipped recipe", "spark": "SparK, shipped recipe",
+            "control-recipe": "supervised control, chosen recipe", "spark-recipe": "SparK, chosen recipe",
+            "random": "random (scratch)"}
     lines = ["| labelled | arm | arm Dice | scratch Dice | difference | 2 pooled sd | beats scratch by > 2 pooled sd "
              "| first step at scratch's final Dice |", "|---|---|---|---|---|---|---|---|"]
     for t in study["tests"]:

@@ -25,11 +25,10 @@ SparKPretrain / SegmentationModule / CTPretrainData / SegmentationData, encoder.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -43,7 +42,7 @@ SEEDS = {"headline": 10, "selection": 11, "control": 12, "unlabelled": 13}  # ph
 FULL = dict(labelled=[1, 2, 4], seeds=[0, 1, 2], val_cases=4, selection_val=2, selection_seeds=[0, 1],
             control_cases=16, unlabelled=64, shape=[96, 96, 48], pretrain_steps=3000,
             milestones=[500, 1500, 3000], control_steps=400, finetune_steps=200, eval_every=50,
-            probe_steps=100, selection_steps=150, recipes=["config", "layer_decay"])
+            probe_steps=100, selection_steps=150, recipes=["config", "layer_decay", "low_lr", "low_lr_decay"])
 QUICK = dict(labelled=[1, 2], seeds=[0, 1], val_cases=1, selection_val=1, selection_seeds=[0],
              control_cases=2, unlabelled=4, shape=[48, 48, 24], pretrain_steps=4, milestones=[2, 4],
              control_steps=4, finetune_steps=4, eval_every=2, probe_steps=2, selection_steps=2,
@@ -146,6 +145,14 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
                             "kwargs": dict(sel, encoder=final, seed=seed, recipe=recipe)})
     budget_runs = [t["name"] for t in out if t["name"].startswith("select_budget_")]
 
+    selection = [t["name"] for t in out if t["name"].startswith("select_")]
+
+    def with_recipe(extra: dict, encoder: str | None):
+        def make(results: dict) -> dict:
+            budget, recipe = choose(results, args)
+            return dict(extra, encoder=encoder or str(pre / f"encoder_{budget}.pt"), recipe=recipe)
+        return make
+
     def spark_encoder(extra: dict):
         def make(results: dict) -> dict:
             return dict(extra, encoder=str(pre / f"encoder_{choose(results, args)[0]}.pt"))
@@ -163,6 +170,12 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
                         "kwargs": dict(common, encoder=control)})
             out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": budget_runs, "fn": "finetune",
                         "kwargs": spark_encoder(common)})
+            # the product's path: pretrained encoders fine-tuned with the recipe chosen on the selection split
+            # (what `pretrained_recipe` ships); when that is `config` these runs are the arms above (reused)
+            for arm in ("control", "spark"):
+                out.append({"name": f"ft_n{n}_{arm}-recipe_s{seed}", "deps": [*selection, f"ft_n{n}_{arm}_s{seed}"],
+                            "fn": "finetune", "twin": f"ft_n{n}_{arm}_s{seed}",
+                            "kwargs": with_recipe(common, None if arm == "spark" else control)})
     for seed in args.seeds:
         common = dict(datalist=data["headline"], n=max(args.labelled), steps=args.probe_steps,
                       eval_every=args.probe_steps, seed=seed, freeze=True, recipe="config")
@@ -177,13 +190,13 @@ def _priority(task: dict) -> int:
     """SparK pretraining (the longest chain) first, then the control's encoder and the headline runs by labelled-set
     size (1 and 2 first: scratch vs control is the protocol check), the budget curve, the probes, the recipes."""
     name = task["name"]
-    order = ("pretrain_spark", "pretrain_control", "ft_n", "select_budget_", "probe_", "select_recipe_")
+    order = ("pretrain_spark", "pretrain_control", "ft_n", "select_budget_", "select_recipe_", "probe_")
     return next(i for i, prefix in enumerate(order) if name.startswith(prefix))
 
 
 def run_all(work: Path, args: argparse.Namespace, graph: list[dict], command: list[str]) -> dict[str, dict]:
     """Run every unfinished task, ``--workers`` at a time, dependencies first; returns every result."""
-    from transfer_runs import execute, load_result
+    from transfer_runs import execute, load_result, store_result
 
     results = {t["name"]: r for t in graph if (r := load_result(work, t["name"])) is not None}
     pending = [t for t in graph if t["name"] not in results]
@@ -191,6 +204,13 @@ def run_all(work: Path, args: argparse.Namespace, graph: list[dict], command: li
 
     def start(pool, t):
         kwargs = t["kwargs"](results) if callable(t["kwargs"]) else t["kwargs"]
+        if "twin" in t and kwargs == results[t["twin"]]["kwargs"]:  # the same run (recipe 'config'): reuse it
+            done = store_result(work, t["name"], dict(results[t["twin"]], name=t["name"], same_as=t["twin"]))
+            if pool is None:
+                return done
+            future: Future = Future()
+            future.set_result(done)
+            return future
         if pool is None:
             return execute(str(work), t["name"], t["fn"], kwargs)
         return pool.submit(execute, str(work), t["name"], t["fn"], kwargs)

@@ -9,9 +9,13 @@ import platform
 import statistics
 from pathlib import Path
 
-ARM_LABELS = {"scratch": "from scratch", "spark": "SparK-pretrained", "control": "supervised control",
+ARM_LABELS = {"scratch": "from scratch", "spark": "SparK, shipped recipe", "control": "supervised control, shipped recipe",
+              "spark-recipe": "SparK, chosen recipe", "control-recipe": "supervised control, chosen recipe",
               "random": "random encoder"}
-COLOURS = {"scratch": "tab:grey", "spark": "tab:red", "control": "tab:blue", "random": "tab:grey"}
+COLOURS = {"scratch": "tab:grey", "spark": "tab:red", "control": "tab:blue", "random": "tab:grey",
+           "spark-recipe": "tab:red", "control-recipe": "tab:blue"}
+STYLES = {"spark": ":", "control": ":"}  # the pretrained arms with the shipped (scratch) recipe: dotted
+TESTED = ("control", "spark", "control-recipe", "spark-recipe")
 
 
 def _describe(name: str, result: dict) -> dict:
@@ -68,7 +72,7 @@ def goal_tests(rows: list[dict], args) -> tuple[list[dict], list[str]]:
             continue
         last = max(scratch)
         s_mean, s_sd = _stats(scratch[last])
-        for arm in ("control", "spark"):
+        for arm in TESTED:
             arm_curve = cur.get((n, arm), {})
             if last not in arm_curve:
                 continue
@@ -80,7 +84,7 @@ def goal_tests(rows: list[dict], args) -> tuple[list[dict], list[str]]:
                  "beats_by_2_pooled_sd": bool(a_mean - s_mean > 2 * pooled), "steps_to_scratch_final": reach,
                  "half_the_steps": bool(reach is not None and reach <= last / 2), "seeds": len(arm_curve[last])}
             tests.append(t)
-            lines.append(f"  {n} labelled, {arm:<8}: {a_mean:.3f} ± {a_sd:.3f} vs scratch {s_mean:.3f} ± {s_sd:.3f} at "
+            lines.append(f"  {n} labelled, {arm:<14}: {a_mean:.3f} ± {a_sd:.3f} vs scratch {s_mean:.3f} ± {s_sd:.3f} at "
                          f"step {last}: difference {a_mean - s_mean:+.3f}, 2 pooled sd {2 * pooled:.3f} → "
                          f"{'beats' if t['beats_by_2_pooled_sd'] else 'does not beat'}; reaches scratch's final Dice "
                          f"at step {reach}")
@@ -107,22 +111,22 @@ def plot(path: Path, rows: list[dict], args, title: str) -> None:
     panels = len(args.labelled) + 2
     fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.8))
     for ax, n in zip(axes, args.labelled):
-        for arm in ("scratch", "control", "spark"):
+        for arm in ("scratch", *TESTED):
             c = cur.get((n, arm))
             if not c:
                 continue
             steps = sorted(c)
             m = [statistics.mean(c[s]) for s in steps]
             sd = [statistics.stdev(c[s]) if len(c[s]) > 1 else 0.0 for s in steps]
-            ax.plot(steps, m, marker="o", ms=3, color=COLOURS[arm], label=ARM_LABELS[arm])
+            ax.plot(steps, m, marker="o", ms=3, color=COLOURS[arm], label=ARM_LABELS[arm], ls=STYLES.get(arm, "-"))
             ax.fill_between(steps, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=COLOURS[arm],
-                            alpha=0.2)
+                            alpha=0.05 if arm in STYLES else 0.2)
         ax.set_title(f"{n} labelled volume{'s' if n > 1 else ''}", fontsize=10)
         ax.set_xlabel("fine-tuning steps")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean Dice, 13 organs (validation)")
-    axes[0].legend(fontsize=8, loc="upper left")
+    axes[0].legend(fontsize=7, loc="upper left")
     ax = axes[-2]
     probe = {}
     for r in rows:
@@ -210,7 +214,7 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
     for r in rows:
         if r["kind"] == "selection_recipe":
             recipe_scores.setdefault(r["arm"], []).append(r["mean_dice"])
-    chain = {arm: next((r["chain"] for k, r in sorted(results.items()) if k.startswith(f"ft_n") and f"_{arm}_" in k
+    chain = {arm: next((r["chain"] for k, r in sorted(results.items()) if k.startswith("ft_n") and f"_{arm}_" in k
                         and r.get("chain")), None) for arm in ("spark", "control")}
     head = [f"transfer study: {len(rows)} CSV rows from {sum(1 for r in results.values() if r)} runs"
             + ("" if wall_seconds is None else f", {wall_seconds / 60:.1f} min"),

@@ -15,8 +15,12 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 # the candidate fine-tuning recipes for pretrained encoders (chosen on the selection split, never on validation)
 RECIPES = {
     "config": {},  # configs/finetune/demo_ct.yaml as it is
-    "layer_decay": {"layer_decay": 0.7, "warmup_fraction": 0.1},  # deeper encoder levels move less, longer warm-up
+    "layer_decay": {"layer_decay": 0.7, "warmup_fraction": 0.1},  # finer encoder levels move less, longer warm-up
     "freeze": {"freeze_fraction": 0.1},  # the encoder frozen for the first 10 % of the steps
+    # added after the first runs showed the shipped lr (0.01) moving a pretrained encoder by more than its own norm
+    # in 50 steps (the control's drift 1.13 at step 50): a 5x lower lr, alone and with layer decay
+    "low_lr": {"lr": 0.002, "warmup_fraction": 0.1},
+    "low_lr_decay": {"lr": 0.002, "layer_decay": 0.7, "warmup_fraction": 0.1},
 }
 
 
@@ -98,6 +102,11 @@ def execute(work: str, name: str, fn: str, kwargs: dict) -> dict:
     t0 = time.time()
     result = {"pretrain": pretrain, "supervised": supervised, "finetune": finetune}[fn](**kwargs)
     result.update(name=name, fn=fn, kwargs=kwargs, seconds=time.time() - t0)
+    return store_result(work, name, result)
+
+
+def store_result(work: str | Path, name: str, result: dict) -> dict:
+    """Write a run's result to WORK/runs/NAME.json (atomically) and return it."""
     path = Path(work) / "runs" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
@@ -161,7 +170,6 @@ def pretrain(store: str, out: str, steps: int, stop: int, seed: int) -> dict:
 def supervised(datalist: str, out: str, steps: int, seed: int) -> dict:
     """The positive control's encoder: the demo network trained on the control pool's labels, its encoder tensors
     written as an encoder.pt (same keys and format as SparK's)."""
-    import pytorch_lightning as pl
 
     from spark3d.checkpoint import write_encoder
     from spark3d.networks import encoder_state_of
@@ -195,6 +203,8 @@ def _segmentation(datalist: str, n: int | None, seed: int, encoder: str | None, 
     cases = n or len(json.loads(Path(datalist).read_text())["training"])
     model_args = dict(cfg["model"]["init_args"], pretrained=encoder, roi_size=data.roi_size)
     r = RECIPES[recipe]
+    if "lr" in r:
+        model_args["lr"] = r["lr"]
     if "layer_decay" in r:
         model_args["layer_decay"] = r["layer_decay"]
     if "warmup_fraction" in r:
