@@ -166,16 +166,20 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
                           seed=seed, recipe="config")
             out.append({"name": f"ft_n{n}_scratch_s{seed}", "deps": [], "fn": "finetune",
                         "kwargs": dict(common, encoder=None)})
-            out.append({"name": f"ft_n{n}_control_s{seed}", "deps": ["pretrain_control"], "fn": "finetune",
-                        "kwargs": dict(common, encoder=control)})
-            out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": budget_runs, "fn": "finetune",
-                        "kwargs": spark_encoder(common)})
+            # the pretrained encoders with the shipped (scratch) recipe: at the smallest labelled set only, the
+            # chain check of what that lr does to a pretrained encoder
+            shipped = n == min(args.labelled)
+            if shipped:
+                out.append({"name": f"ft_n{n}_control_s{seed}", "deps": ["pretrain_control"], "fn": "finetune",
+                            "kwargs": dict(common, encoder=control)})
+                out.append({"name": f"ft_n{n}_spark_s{seed}", "deps": budget_runs, "fn": "finetune",
+                            "kwargs": spark_encoder(common)})
             # the product's path: pretrained encoders fine-tuned with the recipe chosen on the selection split
-            # (what `pretrained_recipe` ships); when that is `config` these runs are the arms above (reused)
+            # (what `pretrained_recipe` ships); where that is `config`, the run above is reused
             for arm in ("control", "spark"):
-                out.append({"name": f"ft_n{n}_{arm}-recipe_s{seed}", "deps": [*selection, f"ft_n{n}_{arm}_s{seed}"],
-                            "fn": "finetune", "twin": f"ft_n{n}_{arm}_s{seed}",
-                            "kwargs": with_recipe(common, None if arm == "spark" else control)})
+                twin = {"twin": f"ft_n{n}_{arm}_s{seed}"} if shipped else {}
+                out.append({"name": f"ft_n{n}_{arm}-recipe_s{seed}", "deps": [*selection, *twin.values()],
+                            "fn": "finetune", **twin, "kwargs": with_recipe(common, None if arm == "spark" else control)})
     for seed in args.seeds:
         common = dict(datalist=data["headline"], n=max(args.labelled), steps=args.probe_steps,
                       eval_every=args.probe_steps, seed=seed, freeze=True, recipe="config")
