@@ -236,10 +236,13 @@ def render_transfer(results: Path) -> str:
     arms = {"control": "supervised control, shipped recipe", "spark": "SparK, shipped recipe",
             "control-recipe": "supervised control, chosen recipe", "spark-recipe": "SparK, chosen recipe",
             "random": "random (scratch)"}
-    lines = ["| labelled | arm | arm Dice | scratch Dice | difference | 2 pooled sd | beats scratch by > 2 pooled sd "
-             "| first step at scratch's final Dice |", "|---|---|---|---|---|---|---|---|"]
+    arms["scratch"] = "from scratch, shipped recipe"
+    arms["scratch-recipe"] = "from scratch, chosen recipe"
+    lines = ["| labelled | arm | baseline | arm Dice | baseline Dice | difference | 2 pooled sd | beats by > 2 pooled sd "
+             "| first step at the baseline's final Dice |", "|---|---|---|---|---|---|---|---|---|"]
     for t in study["tests"]:
-        lines.append(f"| {t['labelled']} | {arms[t['arm']]} | {t['arm_mean']:.3f} ± {num(t['arm_sd'], 3)} | "
+        lines.append(f"| {t['labelled']} | {arms[t['arm']]} | {arms[t.get('baseline', 'scratch')]} | "
+                     f"{t['arm_mean']:.3f} ± {num(t['arm_sd'], 3)} | "
                      f"{t['scratch_mean']:.3f} ± {num(t['scratch_sd'], 3)} | {t['difference']:+.3f} | "
                      f"{2 * t['pooled_sd']:.3f} | {'**yes**' if t['beats_by_2_pooled_sd'] else 'no'} | "
                      f"{t['steps_to_scratch_final'] if t['steps_to_scratch_final'] is not None else 'not reached'} "

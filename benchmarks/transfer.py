@@ -148,9 +148,11 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
     selection = [t["name"] for t in out if t["name"].startswith("select_")]
 
     def with_recipe(extra: dict, encoder: str | None):
+        """``encoder``: a path, "spark" (the chosen budget's encoder) or None (random init, scratch)."""
         def make(results: dict) -> dict:
             budget, recipe = choose(results, args)
-            return dict(extra, encoder=encoder or str(pre / f"encoder_{budget}.pt"), recipe=recipe)
+            return dict(extra, encoder=str(pre / f"encoder_{budget}.pt") if encoder == "spark" else encoder,
+                        recipe=recipe)
         return make
 
     def spark_encoder(extra: dict):
@@ -176,10 +178,11 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
                             "kwargs": spark_encoder(common)})
             # the product's path: pretrained encoders fine-tuned with the recipe chosen on the selection split
             # (what `pretrained_recipe` ships); where that is `config`, the run above is reused
-            for arm in ("control", "spark"):
-                twin = {"twin": f"ft_n{n}_{arm}_s{seed}"} if shipped else {}
+            # and scratch with that recipe: the recipe's own effect, so that pretraining is compared recipe for recipe
+            for arm, encoder in (("control", control), ("spark", "spark"), ("scratch", None)):
+                twin = {"twin": f"ft_n{n}_{arm}_s{seed}"} if shipped or arm == "scratch" else {}
                 out.append({"name": f"ft_n{n}_{arm}-recipe_s{seed}", "deps": [*selection, *twin.values()],
-                            "fn": "finetune", **twin, "kwargs": with_recipe(common, None if arm == "spark" else control)})
+                            "fn": "finetune", **twin, "kwargs": with_recipe(common, encoder)})
     for seed in args.seeds:
         common = dict(datalist=data["headline"], n=max(args.labelled), steps=args.probe_steps,
                       eval_every=args.probe_steps, seed=seed, freeze=True, recipe="config")

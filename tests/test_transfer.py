@@ -33,7 +33,7 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
     with out.with_suffix(".csv").open() as f:
         rows = list(csv.DictReader(f))
     evals = [str(s) for s in range(args.eval_every, args.finetune_steps + 1, args.eval_every)]
-    arms = {n: ("scratch", "spark-recipe", "control-recipe", *(("spark", "control") if n == 1 else ()))
+    arms = {n: ("scratch", "scratch-recipe", "spark-recipe", "control-recipe", *(("spark", "control") if n == 1 else ()))
             for n in args.labelled}  # the shipped recipe on pretrained encoders at the smallest set only
     expected = {("finetune", arm, str(n), str(seed), step) for n in args.labelled for seed in args.seeds
                 for arm in arms[n] for step in evals}
@@ -55,8 +55,9 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
     assert set(summary["runs"]) == {r["run"] for r in rows} | {f"pretrain_spark_{m}" for m in args.milestones} | {
         "pretrain_control"}
     assert summary["options"]["seeds"] == args.seeds and summary["machine"]["torch"] == torch.__version__
-    assert {(t["labelled"], t["arm"]) for t in summary["tests"]} == {(n, a) for n in args.labelled
-                                                                       for a in arms[n] if a != "scratch"}
+    pairs = {(n, a, "scratch") for n in args.labelled for a in arms[n] if a != "scratch"}
+    pairs |= {(n, a, "scratch-recipe") for n in args.labelled for a in ("spark-recipe", "control-recipe")}
+    assert {(t["labelled"], t["arm"], t["baseline"]) for t in summary["tests"]} == pairs
     recipe = summary["chosen"]["recipe"]
     for name, run in summary["runs"].items():  # the recipe arms ran the chosen recipe (or are the config arms)
         if "-recipe_" in name:
@@ -64,10 +65,11 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
             twin = summary["runs"].get(name.replace("-recipe_", "_"))
             assert twin is None or (run["kwargs"] == twin["kwargs"]) == (recipe == "config")
     for t in summary["tests"]:  # the JSON's statistics are the CSV's (sample sd, ddof=1)
-        final = [float(r["mean_dice"]) for r in rows if r["kind"] == "finetune" and r["arm"] == t["arm"]
-                 and r["labelled"] == str(t["labelled"]) and r["step"] == evals[-1]]
-        assert t["arm_mean"] == pytest.approx(statistics.mean(final), abs=1e-3)
-        assert t["arm_sd"] == pytest.approx(statistics.stdev(final), abs=1e-3)
+        for who, key in ((t["arm"], "arm"), (t["baseline"], "scratch")):
+            final = [float(r["mean_dice"]) for r in rows if r["kind"] == "finetune" and r["arm"] == who
+                     and r["labelled"] == str(t["labelled"]) and r["step"] == evals[-1]]
+            assert t[f"{key}_mean"] == pytest.approx(statistics.mean(final), abs=1e-3)
+            assert t[f"{key}_sd"] == pytest.approx(statistics.stdev(final), abs=1e-3)
     chain = summary["chain"]["spark"]
     assert chain["matched"] == chain["file_tensors"] > 0 and chain["max_abs_diff_after_load"] == 0.0
     assert summary["pretraining"]["compute"] == "sparse"
