@@ -201,7 +201,8 @@ def _segmentation(datalist: str, n: int | None, seed: int, encoder: str | None, 
     data = SegmentationData(**data_args)
     data.in_channels = 1
     cases = n or len(json.loads(Path(datalist).read_text())["training"])
-    model_args = dict(cfg["model"]["init_args"], pretrained=encoder, roi_size=data.roi_size)
+    # the study applies its recipes itself: the config's own pretrained_recipe (the study's earlier choice) is off
+    model_args = dict(cfg["model"]["init_args"], pretrained=encoder, roi_size=data.roi_size, pretrained_recipe=None)
     r = RECIPES[recipe]
     if "lr" in r:
         model_args["lr"] = r["lr"]
