@@ -249,13 +249,15 @@ def render_transfer(results: Path) -> str:
                      f"of {t['step']} |")
     o = study["options"]
     probe = study.get("probe") or {}
+    probe_arms = {"random": "random encoder", "spark": "SparK", "control": "supervised control"}
     budget = study.get("budget_curve") or {}
     chosen = study.get("chosen", {})
     lines += ["", f"Mean ± sample sd over seeds {', '.join(map(str, o['seeds']))}, validation Dice of 13 organs on "
               f"{o['val_cases']} cases after {o['finetune_steps']} fine-tuning steps."]
     if probe:
         lines.append(f"Frozen-encoder probe ({o['probe_steps']} steps, {max(o['labelled'])} labelled): "
-                     + "; ".join(f"{arms[a]} {mean_sd(probe[a])}" for a in ("random", "spark", "control") if a in probe)
+                     + "; ".join(f"{probe_arms[a]} {mean_sd(probe[a])}" for a in ("random", "spark", "control")
+                                 if a in probe)
                      + ".")
     if budget:
         lines.append(f"Budget curve (selection split, 1 labelled, {o['selection_steps']} steps; 0 = scratch): "
@@ -267,10 +269,11 @@ def render_transfer(results: Path) -> str:
                      + f"; `config` is the budget run above. Chosen: `{chosen['recipe']}`.")
     pre = study.get("pretraining") or {}
     wall = study.get("wall_seconds")
+    work = sum(r["seconds"] for r in study["runs"].values()) / 60
     lines.append(f"{study['status']['runs_done']} runs; SparK pretraining {num(pre.get('seconds_per_step'))} s/step "
-                 f"({pre.get('compute', '?')} path); whole study "
-                 f"{'not timed in one run' if wall is None else f'{wall / 60:.1f} min'} with {o['workers']} workers. "
-                 f"Source: {source(path, study)}.")
+                 f"({pre.get('compute', '?')} path); the runs took {work:.0f} worker-minutes in all, "
+                 f"{work / o['workers']:.0f} min on {o['workers']} workers (the last invocation of the command: "
+                 f"{'–' if wall is None else f'{wall / 60:.1f} min'}). Source: {source(path, study)}.")
     return "\n".join(lines) + "\n"
 
 
