@@ -267,6 +267,11 @@ def render_transfer(results: Path) -> str:
         lines.append("Recipe for pretrained encoders (selection split): "
                      + "; ".join(f"`{r}` {mean_sd(v)}" for r, v in study["recipe_scores"].items())
                      + f"; `config` is the budget run above. Chosen: `{chosen['recipe']}`.")
+    drift = study.get("first_eval_encoder_drift") or {}
+    if drift:
+        step = min(o["eval_every"], o["finetune_steps"])
+        lines.append(f"Encoder drift ‖θ−θ₀‖/‖θ₀‖ at the first evaluation (step {step}), min–max over runs: "
+                     + "; ".join(f"{arms[a]} {min(v):.2f}–{max(v):.2f}" for a, v in sorted(drift.items())) + ".")
     pre = study.get("pretraining") or {}
     wall = study.get("wall_seconds")
     work = sum(r["seconds"] for r in study["runs"].values()) / 60

@@ -96,6 +96,25 @@ def goal_tests(rows: list[dict], args) -> tuple[list[dict], list[str]]:
     return tests, lines
 
 
+def by_kind(rows: list[dict]) -> dict[str, dict]:
+    """Final Dice per arm of the probe, the budget curve (pretraining steps, 0 = scratch) and the recipe candidates,
+    and the encoder drift at the first evaluation of every headline arm (the chain check), from the CSV rows."""
+    out: dict[str, dict] = {"probe": {}, "budget_curve": {}, "recipe_scores": {}, "first_drift": {}}
+    first = min((r["step"] for r in rows if r["kind"] == "finetune"), default=None)
+    for r in rows:
+        if r["kind"] == "probe":
+            out["probe"].setdefault(r["arm"], []).append(r["mean_dice"])
+        elif r["kind"] == "selection_budget":
+            step = 0 if r["arm"] == "scratch" else int(r["arm"].split("@")[1])
+            out["budget_curve"].setdefault(step, []).append(r["mean_dice"])
+        elif r["kind"] == "selection_recipe":
+            out["recipe_scores"].setdefault(r["arm"], []).append(r["mean_dice"])
+        elif r["kind"] == "finetune" and r["step"] == first:
+            out["first_drift"].setdefault(r["arm"], []).append(r["encoder_drift"])
+    out["budget_curve"] = dict(sorted(out["budget_curve"].items()))
+    return out
+
+
 def write_csv(path: Path, rows: list[dict], organs: list[str]) -> None:
     cols = ["run", "kind", "arm", "labelled", "seed", "recipe", "encoder", "step", "mean_dice", "encoder_drift", *organs]
     with path.open("w", newline="") as f:
@@ -133,10 +152,8 @@ def plot(path: Path, rows: list[dict], args, title: str) -> None:
     axes[0].set_ylabel("mean Dice, 13 organs (validation)")
     axes[0].legend(fontsize=7, loc="upper left")
     ax = axes[-2]
-    probe = {}
-    for r in rows:
-        if r["kind"] == "probe":
-            probe.setdefault(r["arm"], []).append(r["mean_dice"])
+    kinds = by_kind(rows)
+    probe = kinds["probe"]
     for i, arm in enumerate(a for a in ("random", "spark", "control") if a in probe):
         m, sd = _stats(probe[arm])
         ax.bar(i, m, yerr=0 if math.isnan(sd) else sd, color=COLOURS[arm], capsize=4, alpha=0.8)
@@ -148,10 +165,7 @@ def plot(path: Path, rows: list[dict], args, title: str) -> None:
     ax.set_title(f"frozen-encoder probe\n({max(args.labelled)} labelled, {args.probe_steps} steps)", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax = axes[-1]
-    budget: dict = {}
-    for r in rows:
-        if r["kind"] == "selection_budget":
-            budget.setdefault(0 if r["arm"] == "scratch" else int(r["arm"].split("@")[1]), []).append(r["mean_dice"])
+    budget = kinds["budget_curve"]
     if budget:
         steps = sorted(budget)
         ax.errorbar(steps, [statistics.mean(budget[s]) for s in steps],
@@ -212,17 +226,7 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
                                   "seconds": sum(p["seconds"] for p in parts),
                                   "milestones_done": [p["kwargs"]["stop"] for p in parts]}
     ctl = results.get("pretrain_control")
-    probe: dict = {}
-    budget_curve: dict = {}
-    for r in rows:
-        if r["kind"] == "probe":
-            probe.setdefault(r["arm"], []).append(r["mean_dice"])
-        elif r["kind"] == "selection_budget":
-            budget_curve.setdefault(0 if r["arm"] == "scratch" else int(r["arm"].split("@")[1]), []).append(r["mean_dice"])
-    recipe_scores = {}
-    for r in rows:
-        if r["kind"] == "selection_recipe":
-            recipe_scores.setdefault(r["arm"], []).append(r["mean_dice"])
+    kinds = by_kind(rows)
     chain = {arm: next((r["chain"] for k, r in sorted(results.items()) if k.startswith("ft_n") and f"_{arm}_" in k
                         and r.get("chain")), None) for arm in ("spark", "control")}
     head = [f"transfer study: {len(rows)} CSV rows from {sum(1 for r in results.values() if r)} runs"
@@ -234,8 +238,8 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
         "status": {"runs_done": sum(1 for r in results.values() if r), "pretraining_milestones_done":
                    None if pre is None else pre["milestones_done"]},
         "chosen": {"pretrain_budget": budget, "recipe": recipe}, "tests": tests, "chain": chain,
-        "probe": probe, "budget_curve": {str(k): v for k, v in sorted(budget_curve.items())},
-        "recipe_scores": recipe_scores,
+        "probe": kinds["probe"], "budget_curve": {str(k): v for k, v in kinds["budget_curve"].items()},
+        "recipe_scores": kinds["recipe_scores"], "first_eval_encoder_drift": kinds["first_drift"],
         "pretraining": pre,
         "control_pretraining": None if ctl is None else {k: ctl[k] for k in ("seconds_per_step", "seconds")},
         "runs": {k: {"seconds": r["seconds"], "seconds_per_step": r.get("seconds_per_step"), "kwargs": r["kwargs"]}

@@ -25,7 +25,8 @@ RECIPES = {
 
 
 # the study pretrains with the decoder of the shipped 3D SparK configs (ct_*.yaml), not the demo's faithful one:
-# what a user runs on real data, and a 3.5x cheaper step here (1.42 -> 0.41 s, one thread, spark3d benchmark)
+# what a user runs on real data, and a much cheaper step (densify + decoder GFLOP per sample in
+# docs/results/perf_step_demo_ct_before.json / _after.json)
 PRETRAIN_DECODER = "    decoder: efficient  # the transfer study's choice (benchmarks/transfer_runs.py)\n"
 
 
