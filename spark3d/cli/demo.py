@@ -16,6 +16,8 @@ METHOD_CONFIGS = {
     "convmae": ("demo_convmae_ct.yaml", "demo_convmae_ct.yaml",
                 "ConvMAE pretraining (tiny hybrid conv + ViT, 64×64×48 crops, mask ratio 0.75)"),
 }
+# what one --compare run is worth: printed with the difference and recorded beside it in demo.json
+COMPARE_NOTE = "one seed, not a test: benchmarks/transfer.py measures it"
 
 
 def _exports_bundle(finetune_config: Path) -> bool:
@@ -42,15 +44,30 @@ def _organ_table(per_organ: dict, columns: int = 3) -> str:
 
 
 def _write_demo_json(path: Path, args: argparse.Namespace, argv: list[str], summary: dict, stages: dict[str, float],
-                     losses: list[float], t0: float) -> None:
-    """``demo.json``: the Dice table, the stage times and the pretraining losses, with the provenance block."""
+                     losses: list[float], t0: float, compare: dict | None = None) -> None:
+    """``demo.json``: the Dice table, the stage times and the pretraining losses, with the provenance block; plus
+    the ``--compare`` block (:func:`_comparison`) when it ran, and no ``compare`` key at all when it did not."""
     from ..provenance import write_result
 
-    write_result(path, {
+    figures = {
         "method": args.method, "options": vars(args), "mean_dice": summary.get("mean_dice"),
         "per_organ_dice": {organ: v["mean"] for organ, v in summary["per_organ"].items()},
         "stages_s": {stage: round(seconds, 1) for stage, seconds in stages.items()},
-        "total_s": round(time.time() - t0, 1), "pretrain_loss_epoch": losses}, ["spark3d", "demo", *argv], t0)
+        "total_s": round(time.time() - t0, 1), "pretrain_loss_epoch": losses}
+    if compare is not None:
+        figures["compare"] = compare
+    write_result(path, figures, ["spark3d", "demo", *argv], t0)
+
+
+def _comparison(summary: dict, scratch_summary: dict) -> dict:
+    """``--compare``'s result, from the two evaluation summaries: both mean Dice values and their difference
+    (pretrained − scratch; ``None`` if either run has no Dice), the scratch run's Dice per organ and what it is
+    worth (one seed). demo.json records it and the printed line reads it, so the two cannot disagree."""
+    pretrained, scratch = summary.get("mean_dice"), scratch_summary.get("mean_dice")
+    return {"scratch_mean_dice": scratch, "pretrained_mean_dice": pretrained,
+            "difference": None if pretrained is None or scratch is None else pretrained - scratch,
+            "scratch_per_organ_dice": {organ: v["mean"] for organ, v in scratch_summary["per_organ"].items()},
+            "note": COMPARE_NOTE}
 
 
 def _scratch_comparison(out: Path, ft_args: list[str]) -> dict | None:
@@ -162,7 +179,8 @@ def run_demo(argv: list[str]) -> int:
         lap("bundle export")
 
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
-    _write_demo_json(out / "demo.json", args, argv, summary, stages, losses, t0)
+    compare = None if scratch_summary is None else _comparison(summary, scratch_summary)
+    _write_demo_json(out / "demo.json", args, argv, summary, stages, losses, t0, compare)
     figures = sorted((run_dir / "figures").glob("*.png"))
     overlays = sorted((out / "predict").glob("*_overlay.png"))
     print("\n" + "=" * 72)
@@ -173,10 +191,10 @@ def run_demo(argv: list[str]) -> int:
     if summary.get("mean_dice") is not None:
         print(f"fine-tuned mean Dice over the 13 organs (validation phantoms): {summary['mean_dice']:.3f}")
         print(_organ_table(summary["per_organ"]))
-    if scratch_summary is not None and summary.get("mean_dice") is not None:
-        print(f"pretrained vs from scratch (same fine-tuning config, seed and steps): mean Dice {summary['mean_dice']:.3f} "
-              f"vs {scratch_summary['mean_dice']:.3f} ({summary['mean_dice'] - scratch_summary['mean_dice']:+.3f}; one "
-              "seed, not a test: benchmarks/transfer.py measures it)")
+    if compare is not None and compare["difference"] is not None:
+        print(f"pretrained vs from scratch (same fine-tuning config, seed and steps): mean Dice "
+              f"{compare['pretrained_mean_dice']:.3f} vs {compare['scratch_mean_dice']:.3f} "
+              f"({compare['difference']:+.3f}; {COMPARE_NOTE})")
     print(f"phantoms (BTCV layout) : {out / 'data'}")
     print(f"pretrained encoder     : {run_dir / 'encoder.pt'}  (fine-tuning network's keys; torch.load(weights_only=True))")
     print(f"pretraining run        : {run_dir}  (checkpoints/, metrics.csv, tensorboard/, figures/)")
