@@ -39,6 +39,7 @@ COMMANDS = {
     "probe": "python benchmarks/probe.py --work runs/probe --seeds 0 1 2 --json docs/results/probe.json",
     "transfer": "python benchmarks/transfer.py --work runs/transfer --out docs/transfer",
     "convmae_step": "python benchmarks/convmae_step.py --batch 2 --repeats 3 --json docs/results/convmae_step.json",
+    "bn_stats": "python benchmarks/bn_stats.py --work runs/bn_stats --json docs/results/bn_stats.json",
 }
 # the row order of the per-network tables (file-name stems after the prefix); other files follow, sorted
 NETWORK_ORDER = ["ct_segresnet", "ct_resnet50", "ct_mednext", "ct_resenc_l", "dynunet", "timm_resnet50",
@@ -303,10 +304,40 @@ def render_convmae_step(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_bn_stats(results: Path) -> str:
+    """One row of the chain table: BatchNorm running statistics from masked pretraining against a dense re-estimate
+    (what was measured, the decision), then its source line."""
+    path = results / "bn_stats.json"
+    r = load(path)
+    if r is None:  # still one row, so that the table around it stays a table
+        return f"| BatchNorm running statistics (resnet18) | {missing('bn_stats').strip()} | – |\n"
+    pre, s, st, w = r["pretraining"], r["summary"], r["settings"], r["washout"]
+    feats = r["eval_features_rel_l2"]
+    taps = [t for t in feats if t != "logits"]
+    at_k = next((row for row in w["steps"] if row["step"] == w["k_under_1pc"]), None)
+    check = (f"measured weight {max(at_k['measured_weight_mean'], at_k['measured_weight_var']):.4f} at step "
+             f"{at_k['step']}, residual to the dense estimate {at_k['pretrained_start']['mean_rel_diff']:.3f} "
+             f"(from the dense estimate itself: {at_k['dense_start']['mean_rel_diff']:.3f}; medians of "
+             f"‖μ−μ_dense‖/‖μ_dense‖)") if at_k else "not reached by the check"
+    measured = (f"`encoder.pt`'s running statistics vs a dense re-estimate over {st['estimate_crops']} fine-tuning "
+                f"crops, {r['bn_layers']} BN layers: ‖μ_pre−μ_dense‖/‖μ_dense‖ median {s['mean_rel_diff']['median']:.2f} "
+                f"(max {s['mean_rel_diff']['max']:.2f}, {s['mean_rel_diff']['max_layer']}), shift median "
+                f"{s['mean_shift_sd']['median']:.2f} dense sd (max {s['mean_shift_sd']['max']:.2f}, "
+                f"{s['mean_shift_sd']['max_layer']}), mean abs log var ratio median "
+                f"{s['var_abs_log_ratio']['median']:.2f} (max {s['var_abs_log_ratio']['max']:.2f}, "
+                f"{s['var_abs_log_ratio']['max_layer']}); eval-mode features on {len(st['validation_volumes'])} "
+                f"validation phantoms differ by {' / '.join(f'{feats[t]:.0%}' for t in taps)} (relative L2, "
+                f"{taps[0]}–{taps[-1]}), logits {feats['logits']:.0%}; momentum {w['momentum']:g}: under 1 % weight "
+                f"after k = {w['k_under_1pc']} steps, {check}")
+    title = (f"BatchNorm running statistics (resnet18, {pre['steps']} SparK steps at mask "
+             f"{st['mask_ratio']:g}, {pre['compute']} path, {'×'.join(map(str, st['roi']))} crops)")
+    return f"| {title} | {measured} | {r['decision']} |\nSource: {source(path, r)}.\n"
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "demo": render_demo, "data_throughput": render_data_throughput, "perf_encoder": render_perf_encoder,
     "perf_step": render_perf_step, "resenc_step": render_resenc_step, "probe": render_probe,
-    "transfer": render_transfer, "convmae_step": render_convmae_step}
+    "transfer": render_transfer, "convmae_step": render_convmae_step, "bn_stats": render_bn_stats}
 
 
 # ------------------------------------------------------------------------------------------------ the rewrite
