@@ -80,7 +80,7 @@ def pretrain(datalist: Path, out: Path, steps: int, seed: int, roi: list[int], s
     Reused when ``out/run.json`` exists (the settings are in ``out``'s name)."""
     record = out / "run.json"
     if record.is_file() and (out / "encoder.pt").is_file():
-        return json.loads(record.read_text())
+        return {**json.loads(record.read_text()), "reused": True}  # its seconds are the earlier invocation's
     import pytorch_lightning as pl
 
     from spark3d.data import CTPretrainData
@@ -296,18 +296,20 @@ def decide(k: int, momentum: float, stats: dict, features: dict, wash: list[dict
     if not checked:
         return (f"undecided: the washout check did not reach k = {k} steps or the measured weight of the pretrained "
                 f"statistics at step {at_k['step']} is {max(at_k['measured_weight_mean'], at_k['measured_weight_var']):.3f}")
-    first = min(configs.items(), key=lambda kv: kv[1]["check_val_every_n_epoch"] / kv[1]["batch_size"])
-    epochs, batch = first[1]["check_val_every_n_epoch"], first[1]["batch_size"]
-    cases = math.ceil(k * batch / epochs)
-    return (f"no re-estimation at load time for fine-tuning: the pretrained statistics are far from dense ones (mean "
+    # the first validation comes after E epochs of ceil(N / B) steps: at or after step k once N >= (ceil(k/E)-1)*B+1
+    need = {name: (math.ceil(k / c["check_val_every_n_epoch"]) - 1) * c["batch_size"] + 1 for name, c in configs.items()}
+    binding = max(need, key=need.get)
+    c = configs[binding]
+    return (f"no re-estimation at load time for fine-tuning: the pretrained statistics differ from dense ones (mean "
             f"shift median {stats['mean_shift_sd']['median']:.2f} dense sd, max {stats['mean_shift_sd']['max']:.2f} in "
             f"{stats['mean_shift_sd']['max_layer']}; eval-mode features differ by up to {features[worst_tap]:.0%} in "
             f"{worst_tap}), but train-mode fine-tuning normalises with batch statistics and never reads them, and "
             f"momentum {momentum:g} leaves them under 1 % weight after k = {k} steps (measured "
-            f"{max(at_k['measured_weight_mean'], at_k['measured_weight_var']):.4f}); the shipped fine-tuning configs "
-            f"validate first after {epochs} epochs ({first[0]}, batch {batch}), i.e. after >= k steps whenever a "
-            f"dataset has >= {cases} training cases. Re-estimate only where encoder.pt's encoder is used in eval mode "
-            f"without fine-tuning first (feature extraction, an eval-mode probe, validation within {k} steps)")
+            f"{max(at_k['measured_weight_mean'], at_k['measured_weight_var']):.4f}); every shipped fine-tuning config "
+            f"validates first at or after step {k} once its dataset has >= {need[binding]} training cases (the "
+            f"tightest: {binding}, every {c['check_val_every_n_epoch']} epochs at batch {c['batch_size']}). "
+            f"Re-estimate only where encoder.pt's encoder runs in eval mode without {k} train-mode steps first "
+            f"(feature extraction, an eval-mode probe, a validation before step {k})")
 
 
 # ------------------------------------------------------------------------------------------------ main
