@@ -33,8 +33,8 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
     with out.with_suffix(".csv").open() as f:
         rows = list(csv.DictReader(f))
     evals = [str(s) for s in range(args.eval_every, args.finetune_steps + 1, args.eval_every)]
-    arms = {n: ("scratch", "scratch-recipe", "spark-recipe", "control-recipe", *(("spark", "control") if n == 1 else ()))
-            for n in args.labelled}  # the shipped recipe on pretrained encoders at the smallest set only
+    arms = {n: ("scratch", "control", "spark", *(("scratch-shipped",) if n == min(args.labelled) else ()))
+            for n in args.labelled}  # scratch with the config's own recipe at the smallest set only
     expected = {("finetune", arm, str(n), str(seed), step) for n in args.labelled for seed in args.seeds
                 for arm in arms[n] for step in evals}
     expected |= {("probe", arm, str(max(args.labelled)), str(seed), str(args.probe_steps)) for seed in args.seeds
@@ -55,15 +55,23 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
     assert set(summary["runs"]) == {r["run"] for r in rows} | {f"pretrain_spark_{m}" for m in args.milestones} | {
         "pretrain_control"}
     assert summary["options"]["seeds"] == args.seeds and summary["machine"]["torch"] == torch.__version__
-    pairs = {(n, a, "scratch") for n in args.labelled for a in arms[n] if a != "scratch"}
-    pairs |= {(n, a, "scratch-recipe") for n in args.labelled for a in ("spark-recipe", "control-recipe")}
-    assert {(t["labelled"], t["arm"], t["baseline"]) for t in summary["tests"]} == pairs
     recipe = summary["chosen"]["recipe"]
-    for name, run in summary["runs"].items():  # the recipe arms ran the chosen recipe (or are the config arms)
-        if "-recipe_" in name:
-            assert run["kwargs"]["recipe"] == recipe
-            twin = summary["runs"].get(name.replace("-recipe_", "_"))
-            assert twin is None or (run["kwargs"] == twin["kwargs"]) == (recipe == "config")
+    assert recipe in args.recipes
+    pairs = {(n, a, "scratch") for n in args.labelled for a in ("control", "spark")}
+    if recipe != "config":  # the pretrained arms against scratch with the config's own recipe as well
+        pairs |= {(min(args.labelled), a, "scratch-shipped") for a in ("control", "spark")}
+    assert {(t["labelled"], t["arm"], t["baseline"]) for t in summary["tests"]} == pairs
+    budget_encoder = f"encoder_{summary['chosen']['pretrain_budget']}.pt"
+    for name, run in summary["runs"].items():  # the headline arms ran the chosen recipe, scratch-shipped the config's
+        if name.startswith("ft_n"):
+            assert run["kwargs"]["recipe"] == ("config" if "scratch-shipped" in name else recipe), name
+            assert (run["kwargs"]["encoder"] is None) == ("scratch" in name), name
+            if "_spark_" in name:
+                assert Path(run["kwargs"]["encoder"]).name == budget_encoder
+    twin = summary["runs"]["ft_n1_scratch_s0"]["kwargs"] == summary["runs"]["ft_n1_scratch-shipped_s0"]["kwargs"]
+    assert twin == (recipe == "config")
+    assert summary["control_pretraining"]["val_cases"] == args.control_val  # the control's own Dice was measured
+    assert 0.0 <= summary["control_pretraining"]["own_val_dice"] <= 1.0
     for t in summary["tests"]:  # the JSON's statistics are the CSV's (sample sd, ddof=1)
         for who, key in ((t["arm"], "arm"), (t["baseline"], "scratch")):
             final = [float(r["mean_dice"]) for r in rows if r["kind"] == "finetune" and r["arm"] == who
