@@ -28,7 +28,9 @@ SparKPretrain / SegmentationModule / CTPretrainData / SegmentationData, encoder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -45,12 +47,12 @@ PROBES = ("random", "spark", "control")
 SEEDS = {"headline": 10, "selection": 11, "control": 12, "unlabelled": 13}  # phantom seeds: disjoint case ids
 # sizes (README, Pretraining evidence, says why each is what it is): the control is trained until it segments on its
 # own (1600 steps; at 400, the earlier study's figure, its own validation Dice was 0.18 in a pilot), fine-tuning runs
-# 300 steps (what 30 headline runs can take for the study to fit an hour on 2 cores; scratch is still learning there),
-# the selection split 150
+# 400 steps, half the demo's (what 30 headline runs can take for the study to fit an hour on 2 cores at the step
+# times measured on a quiet machine; scratch is still learning there), the selection split 200
 FULL = dict(labelled=[1, 2, 4], seeds=[0, 1, 2], val_cases=6, selection_val=3, selection_seeds=[0, 1],
             control_cases=16, control_val=2, unlabelled=64, shape=[96, 96, 48], pretrain_steps=3000,
-            milestones=[500, 1500, 3000], control_steps=1600, finetune_steps=300, eval_every=50,
-            probe_steps=100, selection_steps=150, recipes=["config", "layer_decay"])
+            milestones=[500, 1500, 3000], control_steps=1600, finetune_steps=400, eval_every=50,
+            probe_steps=100, selection_steps=200, recipes=["config", "layer_decay"])
 QUICK = dict(labelled=[1, 2], seeds=[0, 1], val_cases=1, selection_val=1, selection_seeds=[0],
              control_cases=2, control_val=1, unlabelled=4, shape=[48, 48, 24], pretrain_steps=4, milestones=[2, 4],
              control_steps=4, finetune_steps=4, eval_every=2, probe_steps=2, selection_steps=2,
@@ -91,6 +93,29 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--unlabelled {args.unlabelled}: the study needs an unlabelled pool of at least 64 volumes")
     if sorted(args.milestones)[-1] != args.pretrain_steps:
         raise ConfigError(f"--milestones {args.milestones} must end at --pretrain-steps {args.pretrain_steps}")
+
+
+RUN_ONLY = ("work", "out", "workers", "report_only")  # options that do not change what a run computes
+
+
+def check_work(work: Path, args: argparse.Namespace) -> None:
+    """A study folder belongs to one set of options: its finished runs are reused by name, so resuming it with other
+    sizes would mix runs of two studies. The first call records the options (WORK/options.json); a later call with
+    others is refused in one line naming them."""
+    from spark3d.errors import ConfigError
+
+    mine = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    path = work / "options.json"
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            found = ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)}" for k in differ)
+            raise ConfigError(f"{work} holds a study run with other options ({found}): resume it with those, "
+                              "or use another --work")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=1))
 
 
 def write_data(work: Path, args: argparse.Namespace) -> dict[str, str]:
@@ -223,6 +248,12 @@ def run_all(work: Path, args: argparse.Namespace, graph: list[dict], command: li
     t0 = time.time()
     pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) if args.workers > 1 else None
     running: dict = {}
+
+    def stop(signum, frame):  # a killed study takes its workers with it (finished runs stay: the command resumes)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    finished = False
     try:
         while pending or running:
             ready = sorted([t for t in pending if all(d in results for d in t["deps"])], key=_priority)
@@ -245,9 +276,16 @@ def run_all(work: Path, args: argparse.Namespace, graph: list[dict], command: li
                 results[name] = fut.result()
                 print(f"  [{time.time() - t0:6.0f} s] {name} done", flush=True)
                 write_outputs(work, args, results, command=command)  # what exists so far, after every run
+        finished = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            if not finished:  # interrupted: the running workers are stopped, not waited for
+                for process in list((getattr(pool, "_processes", None) or {}).values()):  # the executor's own
+                    process.terminate()
+                print(f"transfer study: stopped with {len(results)} runs finished (kept in {work / 'runs'}); "
+                      "the same command resumes", file=sys.stderr, flush=True)
+            pool.shutdown(wait=finished, cancel_futures=True)
     return results
 
 
@@ -268,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(work, args, results, command=command)
             return 0
         t0 = time.time()  # the study's wall time includes writing the phantoms and the store
-        work.mkdir(parents=True, exist_ok=True)
+        check_work(work, args)
         data = write_data(work, args)
         graph = tasks(work, args, data)
         results = run_all(work, args, graph, command)

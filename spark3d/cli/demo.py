@@ -70,8 +70,9 @@ def _comparison(summary: dict, scratch_summary: dict) -> dict:
             "note": COMPARE_NOTE}
 
 
-def _scratch_comparison(out: Path, ft_args: list[str]) -> dict | None:
-    """``--compare``: the demo's fine-tuning again without the pretrained encoder, evaluated the same way."""
+def _scratch_comparison(out: Path, common: list[str], ft_args: list[str]) -> dict | None:
+    """``--compare``: the demo's fine-tuning again without the pretrained encoder, evaluated the same way
+    (``common``: the config and datalist arguments every fine-tuning command of the demo takes)."""
     from .commands import run_evaluate, run_finetune
 
     i = ft_args.index("--model.init_args.pretrained")
@@ -81,7 +82,7 @@ def _scratch_comparison(out: Path, ft_args: list[str]) -> dict | None:
     print(f"      --compare: the same fine-tuning from scratch into {out / 'finetune_scratch'} …", file=sys.stderr)
     if run_finetune(args):
         return None
-    if run_evaluate([*args[:4], "--ckpt_path", str(out / "finetune_scratch" / "checkpoints" / "last.ckpt"),
+    if run_evaluate([*common, "--ckpt_path", str(out / "finetune_scratch" / "checkpoints" / "last.ckpt"),
                      "--out", str(out / "evaluate_scratch")]):
         return None
     return json.loads((out / "evaluate_scratch" / "summary.json").read_text())
@@ -159,7 +160,7 @@ def run_demo(argv: list[str]) -> int:
     lap("evaluation")
     scratch_summary = None
     if args.compare:
-        scratch_summary = _scratch_comparison(out, ft_args)
+        scratch_summary = _scratch_comparison(out, common, ft_args)
         if scratch_summary is None:
             return 2
         lap("scratch comparison")
