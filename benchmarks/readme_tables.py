@@ -228,59 +228,119 @@ def render_probe(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+TRANSFER_ARMS = {"scratch": "from scratch", "control": "supervised control", "spark": "SparK",
+                 "scratch-shipped": "from scratch, the config's own recipe", "random": "random encoder"}
+
+
 def render_transfer(results: Path) -> str:
-    """The transfer study's tests of the goal, probe, budget curve and recipe choice (``docs/transfer.json``)."""
+    """The transfer study's tests of the goal, the control's own Dice, probe, budget curve, recipe choice and time
+    (``docs/transfer.json``)."""
     path = results.parent / "transfer.json"
     study = load(path)
     if study is None:
         return missing("transfer")
-    arms = {"control": "supervised control, shipped recipe", "spark": "SparK, shipped recipe",
-            "control-recipe": "supervised control, chosen recipe", "spark-recipe": "SparK, chosen recipe",
-            "random": "random (scratch)"}
-    arms["scratch"] = "from scratch, shipped recipe"
-    arms["scratch-recipe"] = "from scratch, chosen recipe"
+    arms = TRANSFER_ARMS
+    o = study["options"]
+    chosen = study.get("chosen", {})
     lines = ["| labelled | arm | baseline | arm Dice | baseline Dice | difference | 2 pooled sd | beats by > 2 pooled sd "
              "| first step at the baseline's final Dice |", "|---|---|---|---|---|---|---|---|---|"]
     for t in study["tests"]:
-        lines.append(f"| {t['labelled']} | {arms[t['arm']]} | {arms[t.get('baseline', 'scratch')]} | "
+        lines.append(f"| {t['labelled']} | {arms[t['arm']]} | {arms[t['baseline']]} | "
                      f"{t['arm_mean']:.3f} ± {num(t['arm_sd'], 3)} | "
                      f"{t['scratch_mean']:.3f} ± {num(t['scratch_sd'], 3)} | {t['difference']:+.3f} | "
                      f"{2 * t['pooled_sd']:.3f} | {'**yes**' if t['beats_by_2_pooled_sd'] else 'no'} | "
                      f"{t['steps_to_scratch_final'] if t['steps_to_scratch_final'] is not None else 'not reached'} "
                      f"of {t['step']} |")
-    o = study["options"]
+    lines += ["", f"Mean ± sample sd over seeds {', '.join(map(str, o['seeds']))}; validation Dice of 13 organs on "
+              f"{o['val_cases']} cases after {o['finetune_steps']} fine-tuning steps, every arm with the chosen recipe "
+              f"(`{chosen.get('recipe')}`) unless the row says otherwise."]
+    ctl = study.get("control_pretraining") or {}
+    if ctl.get("own_val_dice") is not None:
+        lines.append(f"The positive control's own network ({o['control_steps']} supervised steps on "
+                     f"{o['control_cases']} labelled phantoms): mean Dice {ctl['own_val_dice']:.3f} on its "
+                     f"{ctl['val_cases']} validation phantoms.")
     probe = study.get("probe") or {}
-    probe_arms = {"random": "random encoder", "spark": "SparK", "control": "supervised control"}
-    budget = study.get("budget_curve") or {}
-    chosen = study.get("chosen", {})
-    lines += ["", f"Mean ± sample sd over seeds {', '.join(map(str, o['seeds']))}, validation Dice of 13 organs on "
-              f"{o['val_cases']} cases after {o['finetune_steps']} fine-tuning steps."]
     if probe:
         lines.append(f"Frozen-encoder probe ({o['probe_steps']} steps, {max(o['labelled'])} labelled): "
-                     + "; ".join(f"{probe_arms[a]} {mean_sd(probe[a])}" for a in ("random", "spark", "control")
-                                 if a in probe)
-                     + ".")
+                     + "; ".join(f"{arms[a]} {mean_sd(probe[a])}" for a in ("random", "spark", "control")
+                                 if a in probe) + ".")
+    budget = study.get("budget_curve") or {}
     if budget:
         lines.append(f"Budget curve (selection split, 1 labelled, {o['selection_steps']} steps; 0 = scratch): "
                      + "; ".join(f"{k} steps {mean_sd(v)}" for k, v in budget.items())
                      + f". Chosen: {chosen.get('pretrain_budget')} pretraining steps.")
     if study.get("recipe_scores") is not None and chosen.get("recipe"):
-        lines.append("Recipe for pretrained encoders (selection split): "
+        lines.append("Recipe for pretrained encoders (selection split, the final SparK encoder): "
                      + "; ".join(f"`{r}` {mean_sd(v)}" for r, v in study["recipe_scores"].items())
-                     + f"; `config` is the budget run above. Chosen: `{chosen['recipe']}`.")
-    drift = study.get("first_eval_encoder_drift") or {}
-    if drift:
-        step = min(o["eval_every"], o["finetune_steps"])
-        lines.append(f"Encoder drift ‖θ−θ₀‖/‖θ₀‖ at the first evaluation (step {step}), min–max over runs: "
-                     + "; ".join(f"{arms[a]} {min(v):.2f}–{max(v):.2f}" for a, v in sorted(drift.items())) + ".")
+                     + f"; `config` is the budget curve's {o['pretrain_steps']}-step point. Chosen: `{chosen['recipe']}`.")
     pre = study.get("pretraining") or {}
     wall = study.get("wall_seconds")
     work = sum(r["seconds"] for r in study["runs"].values()) / 60
     lines.append(f"{study['status']['runs_done']} runs; SparK pretraining {num(pre.get('seconds_per_step'))} s/step "
-                 f"({pre.get('compute', '?')} path); the runs took {work:.0f} worker-minutes in all, "
-                 f"{work / o['workers']:.0f} min on {o['workers']} workers (the last invocation of the command: "
-                 f"{'–' if wall is None else f'{wall / 60:.1f} min'}). Source: {source(path, study)}.")
+                 f"({pre.get('compute', '?')} path); the runs took {work:.0f} worker-minutes in all; the command took "
+                 f"{'–' if wall is None else f'{wall / 60:.1f} min'} on {o['workers']} workers, phantoms and store "
+                 f"included. Source: {source(path, study)}.")
     return "\n".join(lines) + "\n"
+
+
+def render_transfer_organs(results: Path) -> str:
+    """Each organ's Dice (mean over seeds) at the transfer study's final fine-tuning step, per labelled set and arm."""
+    path = results.parent / "transfer.json"
+    study = load(path)
+    if study is None or not study.get("per_organ_final"):
+        return missing("transfer")
+    cells = study["per_organ_final"]
+    organs = list(next(iter(cells.values())))
+    order = list(TRANSFER_ARMS)
+    keys = sorted(cells, key=lambda k: (int(k.split("/")[0]), order.index(k.split("/")[1])))
+    lines = ["| labelled | arm | " + " | ".join(organs) + " |", "|---|---|" + "---|" * len(organs)]
+    for key in keys:
+        n, arm = key.split("/")
+        lines.append(f"| {n} | {TRANSFER_ARMS[arm]} | "
+                     + " | ".join(num(statistics.mean(cells[key][o]), 2) if cells[key].get(o) else "–" for o in organs)
+                     + " |")
+    o = study["options"]
+    lines += ["", f"Mean over seeds {', '.join(map(str, o['seeds']))} after {o['finetune_steps']} fine-tuning steps "
+              f"({o['val_cases']} validation phantoms). Source: `docs/transfer.json` (`per_organ_final`; per seed and "
+              "step in `docs/transfer.csv`)."]
+    return "\n".join(lines) + "\n"
+
+
+def render_transfer_chain(results: Path) -> str:
+    """The chain from pretraining to fine-tuning, link by link, as the transfer study measured it (``docs/transfer.json``)
+    and the BatchNorm row (``docs/results/bn_stats.json``)."""
+    path = results.parent / "transfer.json"
+    study = load(path)
+    head = ["| link | measurement | finding |", "|---|---|---|"]
+    if study is None:
+        return "\n".join(head) + f"\n| (all) | – | {missing('transfer').strip()} |\n" + render_bn_stats(results)
+    chain = {a: c for a, c in (study.get("chain") or {}).items() if c}
+    names = {"spark": "SparK", "control": "control"}
+    keys = "; ".join(f"{names[a]}: {c['matched']} of {c['file_tensors']} tensors, max abs difference "
+                     f"{c['max_abs_diff_after_load']:g}" for a, c in chain.items())
+    inputs = "; ".join(f"{names[a]}: {'none' if not c['input_mismatches'] else ', '.join(c['input_mismatches'])}"
+                       for a, c in chain.items())
+    norms = sorted({n for c in chain.values() for n in c["norm_layers"]})
+    drift = study.get("first_eval_encoder_drift") or {}
+    o = study["options"]
+    ctl = study.get("control_pretraining") or {}
+    rows = [
+        f"| `encoder.pt` → fine-tuning network | tensors of the file matched by key, then the loaded encoder compared "
+        f"with the file | {keys} (an encoder.pt of another network is refused in one line: `CheckpointError`, "
+        f"`tests/test_transfer.py::test_supervised_encoder_round_trips_and_foreign_encoder_is_refused`) |",
+        f"| intensity window, spacing, channels | `encoder.pt` meta against the fine-tuning data module's | mismatches "
+        f"found: {inputs}. Fine-tuning warns in one line naming the keys when they differ "
+        f"(`spark3d.networks.pretraining_mismatches`); the channel count is part of the identity check |",
+        f"| normalisation statistics (the study's network) | the norm layers of the fine-tuning network | "
+        f"{', '.join(norms) or '–'}: no running statistics travel from masked pretraining for this network |",
+        f"| the encoder in the first steps | relative encoder drift ‖θ−θ₀‖/‖θ₀‖ at the first evaluation (step "
+        f"{min(o['eval_every'], o['finetune_steps'])}), min–max over runs (`encoder_drift` in `docs/transfer.csv`) | "
+        + "; ".join(f"{TRANSFER_ARMS[a]} {min(v):.2f}–{max(v):.2f}" for a, v in sorted(drift.items())) + " |",
+        f"| the positive control | its own network's validation Dice before its encoder is handed on | "
+        f"{num(ctl.get('own_val_dice'), 3)} after {o['control_steps']} supervised steps on {o['control_cases']} phantoms |",
+    ]
+    bn = render_bn_stats(results)
+    return "\n".join(head + rows) + "\n" + bn.replace("\nSource:", "\n\nSource:", 1) + f"Source: {source(path, study)}.\n"
 
 
 def render_convmae_step(results: Path) -> str:
@@ -337,7 +397,8 @@ def render_bn_stats(results: Path) -> str:
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "demo": render_demo, "data_throughput": render_data_throughput, "perf_encoder": render_perf_encoder,
     "perf_step": render_perf_step, "resenc_step": render_resenc_step, "probe": render_probe,
-    "transfer": render_transfer, "convmae_step": render_convmae_step, "bn_stats": render_bn_stats}
+    "transfer": render_transfer, "transfer_organs": render_transfer_organs, "transfer_chain": render_transfer_chain, "convmae_step": render_convmae_step,
+    "bn_stats": render_bn_stats}
 
 
 # ------------------------------------------------------------------------------------------------ the rewrite

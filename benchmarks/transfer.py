@@ -2,6 +2,10 @@
 
     python benchmarks/transfer.py --work runs/transfer --out docs/transfer          # the full study (< 1 hour, 2 cores)
     python benchmarks/transfer.py --work runs/transfer_quick --out OUT --quick      # minutes: the test's
+    python benchmarks/transfer.py --work runs/btcv --out runs/btcv/transfer \
+        --labelled-data btcv.json --selection-data sel.json --control-data ctl.json --unlabelled-data pool.json \
+        --pretrain-config configs/pretrain/ct_segresnet.yaml --finetune-config configs/finetune/btcv.yaml \
+        --accelerator gpu --workers 1                                             # the same protocol on real data
 
 One command, resumable (every finished run is a JSON in WORK/runs and is reused). It writes four disjoint phantom
 sets (``variation="wide"``): the labelled + validation cases of the headline numbers, a separate *selection*
@@ -69,6 +73,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unlabelled-seed", type=int, default=SEEDS["unlabelled"],
                    help="phantom seed of the unlabelled pool (must differ from every labelled set's)")
     p.add_argument("--report-only", action="store_true", help="write OUT.* from the finished runs, run nothing")
+    real = p.add_argument_group("real data, instead of the phantoms (all four datalists together; decathlon-style JSON)")
+    real.add_argument("--labelled-data", help="the headline cases: 'training' (the first N are the labelled sets), "
+                      "'validation' (every reported Dice)")
+    real.add_argument("--selection-data", help="the selection split (budget and recipe are chosen on it): 'training' "
+                      "(its first case is fine-tuned), 'validation'")
+    real.add_argument("--control-data", help="the positive control's labelled pool: 'training', 'validation' (its "
+                      "own Dice)")
+    real.add_argument("--unlabelled-data", help="the pretraining pool: 'training' images (labels ignored)")
+    p.add_argument("--pretrain-config", default=str(CONFIGS / "pretrain" / "demo_ct.yaml"),
+                   help="SparK pretraining config (default: the demo's, with the efficient decoder)")
+    p.add_argument("--finetune-config", default=str(CONFIGS / "finetune" / "demo_ct.yaml"),
+                   help="fine-tuning config (default: the demo's); its recipe is the 'config' candidate")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"],
+                   help="where each run trains (cpu: one torch thread per worker; gpu: use --workers 1 per GPU)")
     for key, value in FULL.items():
         kind = type(value[0]) if isinstance(value, list) else type(value)
         p.add_argument("--" + key.replace("_", "-"), type=kind, nargs="+" if isinstance(value, list) else None,
@@ -93,15 +111,25 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--unlabelled {args.unlabelled}: the study needs an unlabelled pool of at least 64 volumes")
     if sorted(args.milestones)[-1] != args.pretrain_steps:
         raise ConfigError(f"--milestones {args.milestones} must end at --pretrain-steps {args.pretrain_steps}")
+    given = [k for k in REAL_DATA if getattr(args, k)]
+    if given and len(given) < len(REAL_DATA):
+        missing = [f"--{k.replace('_', '-')}" for k in REAL_DATA if not getattr(args, k)]
+        raise ConfigError(f"real data needs all four datalists: {', '.join(missing)} missing")
+    for key in (*given, "pretrain_config", "finetune_config"):
+        if not Path(getattr(args, key)).is_file():
+            raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)}: no such file")
+
+
+REAL_DATA = ("labelled_data", "selection_data", "control_data", "unlabelled_data")  # --X-data, in write_data's order
 
 
 RUN_ONLY = ("work", "out", "workers", "report_only")  # options that do not change what a run computes
 
 
-def check_work(work: Path, args: argparse.Namespace) -> None:
+def check_work(work: Path, args: argparse.Namespace, record: bool = False) -> None:
     """A study folder belongs to one set of options: its finished runs are reused by name, so resuming it with other
-    sizes would mix runs of two studies. The first call records the options (WORK/options.json); a later call with
-    others is refused in one line naming them."""
+    sizes or data would mix runs of two studies. Once the data are checked the options are recorded
+    (``record``: WORK/options.json); a later call with others is refused in one line naming them."""
     from spark3d.errors import ConfigError
 
     mine = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
@@ -113,34 +141,51 @@ def check_work(work: Path, args: argparse.Namespace) -> None:
             found = ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)}" for k in differ)
             raise ConfigError(f"{work} holds a study run with other options ({found}): resume it with those, "
                               "or use another --work")
-        return
-    work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=1))
+    elif record:
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1))
 
 
 def write_data(work: Path, args: argparse.Namespace) -> dict[str, str]:
-    """The four phantom sets (written once) and the unlabelled pool's CT store; returns their paths."""
+    """The four sets (phantoms written once, or the given datalists, checked) and the unlabelled pool's CT store;
+    returns their paths."""
     from spark3d.cli.commands import run_preprocess
     from spark3d.data.phantoms import write_btcv_phantoms
+    from spark3d.errors import DataError
 
     from transfer_runs import check_disjoint, snapshot_configs
 
-    sets = {"headline": (max(args.labelled), args.val_cases, SEEDS["headline"]),
-            "selection": (1, args.selection_val, SEEDS["selection"]),
-            "control": (args.control_cases, args.control_val, SEEDS["control"]),
-            "unlabelled": (args.unlabelled, 0, args.unlabelled_seed)}
-    snapshot_configs(work)
-    paths = {}
-    for name, (n_train, n_val, seed) in sets.items():
-        datalist = work / "data" / name / "dataset.json"
-        if not datalist.is_file():
-            write_btcv_phantoms(datalist.parent, n_train=n_train, n_val=n_val, n_test=0, shape=args.shape, seed=seed,
-                                variation="wide")
-        paths[name] = str(datalist)
+    names = ("headline", "selection", "control", "unlabelled")
+    if args.labelled_data:
+        paths = {name: str(Path(getattr(args, key)).resolve()) for name, key in zip(names, REAL_DATA)}
+        cases = len(json.loads(Path(paths["headline"]).read_text()).get("training", []))
+        if cases < max(args.labelled):
+            raise DataError(f"--labelled-data {paths['headline']} has {cases} training cases; --labelled "
+                            f"{args.labelled} needs {max(args.labelled)}")
+    else:
+        sets = {"headline": (max(args.labelled), args.val_cases, SEEDS["headline"]),
+                "selection": (1, args.selection_val, SEEDS["selection"]),
+                "control": (args.control_cases, args.control_val, SEEDS["control"]),
+                "unlabelled": (args.unlabelled, 0, args.unlabelled_seed)}
+        paths = {}
+        for name, (n_train, n_val, seed) in sets.items():
+            datalist = work / "data" / name / "dataset.json"
+            if not datalist.is_file():
+                write_btcv_phantoms(datalist.parent, n_train=n_train, n_val=n_val, n_test=0, shape=args.shape,
+                                    seed=seed, variation="wide")
+            paths[name] = str(datalist)
+    # no volume of the headline cases in any other set (the pool, the selection split, the control's), none of the
+    # selection split's in the pool or the control's
     check_disjoint(paths["unlabelled"], [paths["headline"], paths["selection"], paths["control"]])
+    check_disjoint(paths["control"], [paths["headline"], paths["selection"]], "control pool")
+    check_disjoint(paths["selection"], [paths["headline"]], "selection split")
+    check_work(work, args, record=True)
+    snapshot_configs(work, args.pretrain_config, args.finetune_config)
     store = work / "store"
     if not (store / "manifest.json").is_file():
-        code = run_preprocess(["--config", str(work / "configs" / "pretrain" / "demo_ct.yaml"), "--out", str(store),
+        from transfer_runs import config_path
+
+        code = run_preprocess(["--config", str(config_path(work, "pretrain")), "--out", str(store),
                                "--data.init_args.datalist", paths["unlabelled"], "--no-progress"])
         if code:
             raise SystemExit(code)
@@ -242,8 +287,8 @@ def run_all(work: Path, args: argparse.Namespace, graph: list[dict], command: li
             future.set_result(done)
             return future
         if pool is None:
-            return execute(str(work), t["name"], t["fn"], kwargs)
-        return pool.submit(execute, str(work), t["name"], t["fn"], kwargs)
+            return execute(str(work), t["name"], t["fn"], kwargs, args.accelerator)
+        return pool.submit(execute, str(work), t["name"], t["fn"], kwargs, args.accelerator)
 
     t0 = time.time()
     pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) if args.workers > 1 else None

@@ -96,12 +96,23 @@ def goal_tests(rows: list[dict], args, recipe: str | None = None) -> tuple[list[
     return tests, lines
 
 
+COLUMNS = ("run", "kind", "arm", "labelled", "seed", "recipe", "encoder", "step", "mean_dice", "encoder_drift")
+
+
 def by_kind(rows: list[dict]) -> dict[str, dict]:
     """Final Dice per arm of the probe, the budget curve (pretraining steps, 0 = scratch) and the recipe candidates,
-    and the encoder drift at the first evaluation of every headline arm (the chain check), from the CSV rows."""
-    out: dict[str, dict] = {"probe": {}, "budget_curve": {}, "recipe_scores": {}, "first_drift": {}}
+    the encoder drift at the first evaluation of every headline arm (the chain check), and each organ's Dice per seed
+    at the headline's final step (``"n/arm"``), from the CSV rows."""
+    out: dict[str, dict] = {"probe": {}, "budget_curve": {}, "recipe_scores": {}, "first_drift": {}, "per_organ": {}}
     first = min((r["step"] for r in rows if r["kind"] == "finetune"), default=None)
+    last = max((r["step"] for r in rows if r["kind"] == "finetune"), default=None)
+    organs = [k for k in (rows[0] if rows else {}) if k not in COLUMNS]
     for r in rows:
+        if r["kind"] == "finetune" and r["step"] == last:  # each organ's Dice per seed at the final step
+            cell = out["per_organ"].setdefault(f"{r['labelled']}/{r['arm']}", {})
+            for organ in organs:
+                if r[organ] is not None:
+                    cell.setdefault(organ, []).append(r[organ])
         if r["kind"] == "probe":
             out["probe"].setdefault(r["arm"], []).append(r["mean_dice"])
         elif r["kind"] == "selection_budget":
@@ -116,7 +127,7 @@ def by_kind(rows: list[dict]) -> dict[str, dict]:
 
 
 def write_csv(path: Path, rows: list[dict], organs: list[str]) -> None:
-    cols = ["run", "kind", "arm", "labelled", "seed", "recipe", "encoder", "step", "mean_dice", "encoder_drift", *organs]
+    cols = [*COLUMNS, *organs]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -234,12 +245,13 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
             f"chosen on the selection split: pretraining budget {budget} steps, recipe '{recipe}'", *lines]
     summary = {
         "machine": machine(), "options": {k: v for k, v in vars(args).items()}, "recipes": RECIPES,
-        "configs": {p.parent.name: p.read_text() for p in sorted((Path(work) / "configs").glob("*/demo_ct.yaml"))},
+        "configs": {p.parent.name: p.read_text() for p in sorted((Path(work) / "configs").glob("*/*.yaml"))},
         "status": {"runs_done": sum(1 for r in results.values() if r), "pretraining_milestones_done":
                    None if pre is None else pre["milestones_done"]},
         "chosen": {"pretrain_budget": budget, "recipe": recipe}, "tests": tests, "chain": chain,
         "probe": kinds["probe"], "budget_curve": {str(k): v for k, v in kinds["budget_curve"].items()},
         "recipe_scores": kinds["recipe_scores"], "first_eval_encoder_drift": kinds["first_drift"],
+        "per_organ_final": kinds["per_organ"],
         "pretraining": pre,
         "control_pretraining": None if ctl is None else {k: ctl.get(k) for k in ("seconds_per_step", "seconds",
                                                                                 "own_val_dice", "val_cases")},

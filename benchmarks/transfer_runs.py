@@ -14,7 +14,7 @@ from pathlib import Path
 CONFIGS = Path(__file__).parents[1] / "configs"
 # the candidate fine-tuning recipes for pretrained encoders (chosen on the selection split, never on validation)
 RECIPES = {
-    "config": {},  # configs/finetune/demo_ct.yaml as it is
+    "config": {},  # the study's fine-tuning config as it is (by default configs/finetune/demo_ct.yaml)
     "layer_decay": {"layer_decay": 0.7, "warmup_fraction": 0.1},  # finer encoder levels move less, longer warm-up
     "freeze": {"freeze_fraction": 0.1},  # the encoder frozen for the first 10 % of the steps
     # a 5x lower lr, alone and with layer decay (an earlier study saw the shipped lr, 0.01, move a pretrained
@@ -24,35 +24,43 @@ RECIPES = {
 }
 
 
-# the study pretrains with the decoder of the shipped 3D SparK configs (ct_*.yaml), not the demo's faithful one:
-# what a user runs on real data, and a much cheaper step (densify + decoder GFLOP per sample in
-# docs/results/perf_step_demo_ct_before.json / _after.json)
+# with the demo's pretraining config the study pretrains with the decoder of the shipped 3D SparK configs (ct_*.yaml),
+# not the demo's faithful one: what a user runs on real data, and a much cheaper step (densify + decoder GFLOP per
+# sample in docs/results/perf_step_demo_ct_before.json / _after.json); a config given by the user runs as it is
 PRETRAIN_DECODER = "    decoder: efficient  # the transfer study's choice (benchmarks/transfer_runs.py)\n"
+DEMO_PRETRAIN = (CONFIGS / "pretrain" / "demo_ct.yaml").resolve()
 
 
-def snapshot_configs(work: str | Path) -> None:
-    """Copy the demo configs into WORK once (the pretraining one with :data:`PRETRAIN_DECODER`): a resumed study
-    runs with the configs it started with."""
-    for kind in ("pretrain", "finetune"):
-        dest = Path(work) / "configs" / kind / "demo_ct.yaml"
-        if not dest.is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            text = (CONFIGS / kind / "demo_ct.yaml").read_text()
-            if kind == "pretrain":
-                anchor = "    decoder_width: 64\n"
-                assert anchor in text and "decoder:" not in text, "configs/pretrain/demo_ct.yaml changed: update PRETRAIN_DECODER"
-                text = text.replace(anchor, anchor + PRETRAIN_DECODER)
-            dest.write_text(text)
+def snapshot_configs(work: str | Path, pretrain: str | Path = DEMO_PRETRAIN,
+                     finetune: str | Path = CONFIGS / "finetune" / "demo_ct.yaml") -> None:
+    """Copy the study's configs into WORK/configs/{pretrain,finetune}/ once (the demo's pretraining one with
+    :data:`PRETRAIN_DECODER`): a resumed study runs with the configs it started with."""
+    for kind, source in (("pretrain", Path(pretrain)), ("finetune", Path(finetune))):
+        folder = Path(work) / "configs" / kind
+        if folder.is_dir() and any(folder.glob("*.yaml")):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        text = source.read_text()
+        if kind == "pretrain" and source.resolve() == DEMO_PRETRAIN:
+            anchor = "    decoder_width: 64\n"
+            assert anchor in text and "decoder:" not in text, "configs/pretrain/demo_ct.yaml changed: update PRETRAIN_DECODER"
+            text = text.replace(anchor, anchor + PRETRAIN_DECODER)
+        (folder / source.name).write_text(text)
+
+
+def config_path(work: str | Path, kind: str) -> Path:
+    """The study's snapshot of its ``kind`` config (``pretrain`` or ``finetune``)."""
+    return next(iter(sorted((Path(work) / "configs" / kind).glob("*.yaml"))))
 
 
 def _config(kind: str) -> dict:
-    """The study's snapshot of the demo config of ``kind`` (set in the worker by :func:`execute`)."""
+    """The study's snapshot of the config of ``kind`` (the study folder is set in the worker by :func:`execute`)."""
     import yaml
 
-    return yaml.safe_load((_CONFIG_ROOT[0] / kind / "demo_ct.yaml").read_text())
+    return yaml.safe_load(config_path(_SETTINGS["work"], kind).read_text())
 
 
-_CONFIG_ROOT = [CONFIGS]
+_SETTINGS = {"work": None, "accelerator": "cpu"}  # set per worker process by :func:`execute`
 
 
 def load_result(work: str | Path, name: str) -> dict | None:
@@ -75,16 +83,17 @@ def _image_hashes(datalist: str) -> dict[str, str]:
     return out
 
 
-def check_disjoint(unlabelled: str, labelled: list[str]) -> None:
-    """Refuse (one line) an unlabelled pool that holds a case of a labelled or validation set."""
+def check_disjoint(pool: str, labelled: list[str], role: str = "unlabelled pool") -> None:
+    """Refuse (one line) a pool (``role``: the unlabelled one, the control's, the selection split) that holds a case
+    of a labelled or validation set it must not see."""
     from spark3d.errors import DataError
 
-    pool = _image_hashes(unlabelled)
+    own = _image_hashes(pool)
     for datalist in labelled:
         for digest, path in _image_hashes(datalist).items():
-            if digest in pool:
-                raise DataError(f"unlabelled pool {unlabelled} contains {pool[digest]}, the same volume as the labelled "
-                                f"case {path}: pretraining would see the evaluation data")
+            if digest in own:
+                raise DataError(f"{role} {pool} contains {own[digest]}, the same volume as the labelled case {path}: "
+                                "the study would train on the data it evaluates on")
 
 
 def _quiet() -> None:
@@ -93,13 +102,14 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def execute(work: str, name: str, fn: str, kwargs: dict) -> dict:
-    """Run one task in this process (one torch thread) and store its result."""
+def execute(work: str, name: str, fn: str, kwargs: dict, accelerator: str = "cpu") -> dict:
+    """Run one task in this process (on the CPU: one torch thread) and store its result."""
     import torch
 
     _quiet()
-    torch.set_num_threads(1)
-    _CONFIG_ROOT[0] = Path(work) / "configs"
+    if accelerator == "cpu":
+        torch.set_num_threads(1)
+    _SETTINGS.update(work=work, accelerator=accelerator)
     t0 = time.time()
     result = {"pretrain": pretrain, "supervised": supervised, "finetune": finetune}[fn](**kwargs)
     result.update(name=name, fn=fn, kwargs=kwargs, seconds=time.time() - t0)
@@ -116,12 +126,18 @@ def store_result(work: str | Path, name: str, result: dict) -> dict:
     return result
 
 
+def _loader_workers(cfg: dict) -> int:
+    """Data-loader processes of a run: none on the CPU (two runs share the cores already), the config's on a GPU."""
+    return 0 if _SETTINGS["accelerator"] == "cpu" else int(cfg["data"]["init_args"].get("num_workers", 0))
+
+
 def _trainer(steps: int, root: str, callbacks: list, eval_every: int | None = None, plugins: list | None = None):
     import pytorch_lightning as pl
 
     val = {"val_check_interval": eval_every, "check_val_every_n_epoch": None} if eval_every else {"limit_val_batches": 0}
     checkpointing = any(isinstance(c, pl.callbacks.Checkpoint) for c in callbacks)
-    return pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+    return pl.Trainer(max_steps=steps, max_epochs=-1, accelerator=_SETTINGS["accelerator"], devices=1, logger=False,
+                      callbacks=callbacks,
                       enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, default_root_dir=root, plugins=plugins, **val)
 
@@ -138,9 +154,9 @@ def pretrain(store: str, out: str, steps: int, stop: int, seed: int) -> dict:
 
     cfg = _config("pretrain")
     pl.seed_everything(seed, verbose=False)
-    data_args = dict(cfg["data"]["init_args"], datalist=None, store=store, num_workers=0)
+    data_args = dict(cfg["data"]["init_args"], datalist=None, store=store, num_workers=_loader_workers(cfg))
     data = CTPretrainData(**data_args)
-    data.in_channels = 1
+    data.in_channels = int(cfg["model"]["init_args"].get("in_channels", 1))
     model = SparKPretrain(**dict(cfg["model"]["init_args"], figure_every_n_epochs=10**9), input_size=data.roi_size)
     last = Path(out) / "checkpoints" / "last.ckpt"
     losses: list[tuple[int, float]] = []
@@ -202,11 +218,11 @@ def _segmentation(datalist: str, n: int | None, seed: int, encoder: str | None, 
 
     cfg = _config("finetune")
     pl.seed_everything(seed, verbose=False)  # the same network init and data order for every arm of a seed
-    data_args = dict(cfg["data"]["init_args"], datalist=datalist, max_train_cases=n, num_workers=0)
+    data_args = dict(cfg["data"]["init_args"], datalist=datalist, max_train_cases=n, num_workers=_loader_workers(cfg))
     if not val:
         data_args["val_key"] = None
     data = SegmentationData(**data_args)
-    data.in_channels = 1
+    data.in_channels = int(cfg["model"]["init_args"].get("in_channels", 1))
     cases = n or len(json.loads(Path(datalist).read_text())["training"])
     # the study applies its recipes itself: the config's own pretrained_recipe (the study's earlier choice) is off
     model_args = dict(cfg["model"]["init_args"], pretrained=encoder, roi_size=data.roi_size, pretrained_recipe=None)

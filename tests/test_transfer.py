@@ -184,3 +184,52 @@ def test_pretrained_recipe_applies_only_with_a_pretrained_encoder(tmp_path):
     assert lrs[-1] == pytest.approx(0.002) and lrs[0] == pytest.approx(0.002 * 0.5**4)  # 4 encoder levels below
     with pytest.raises(ConfigError, match="pretrained_recipe"):
         SegmentationModule(**{**kw, "pretrained_recipe": {"momentum": 0.9}})
+
+
+def test_the_same_study_runs_on_given_datalists_and_configs(transfer, tmp_path):
+    """Real data: the four sets come from datalists (no phantoms are written), the configs from files."""
+    from spark3d.data.phantoms import write_btcv_phantoms
+
+    sets = {key: write_btcv_phantoms(tmp_path / key, n_train=n_train, n_val=n_val, n_test=0, shape=(48, 48, 24),
+                                     seed=seed, variation="wide")
+            for key, n_train, n_val, seed in (("labelled", 1, 1, 30), ("selection", 1, 1, 31), ("control", 2, 1, 32),
+                                              ("unlabelled", 3, 0, 33))}
+    work, out = tmp_path / "work", tmp_path / "out" / "transfer"
+    argv = ["--quick", "--work", str(work), "--out", str(out), "--workers", "1", "--labelled", "1",
+            "--finetune-config", str(Path(__file__).parents[1] / "configs" / "finetune" / "demo_ct.yaml"),
+            *[w for key, path in sets.items() for w in (f"--{key}-data", str(path))]]
+    assert transfer.main(argv) == 0
+    assert not (work / "data").exists()  # nothing drawn: the given sets were used
+    summary = json.loads(out.with_suffix(".json").read_text())
+    for name, run in summary["runs"].items():
+        kw = run["kwargs"]
+        expected = {"ft_": "labelled", "pro": "labelled", "sel": "selection"}.get(name[:3])
+        if expected:
+            assert Path(kw["datalist"]) == Path(sets[expected]).resolve(), name
+    assert Path(summary["runs"]["pretrain_control"]["kwargs"]["datalist"]) == Path(sets["control"]).resolve()
+    manifest = json.loads((work / "store" / "manifest.json").read_text())
+    assert len(manifest["volumes"]) == 3  # the store holds the unlabelled pool, and only it
+    assert {t["labelled"] for t in summary["tests"]} == {1}
+
+
+def test_real_data_needs_all_four_sets_and_disjoint_ones(transfer, tmp_path, capsys):
+    from spark3d.data.phantoms import write_btcv_phantoms
+
+    labelled = write_btcv_phantoms(tmp_path / "l", n_train=1, n_val=1, n_test=0, shape=(24, 24, 12), seed=40)
+    other = write_btcv_phantoms(tmp_path / "o", n_train=1, n_val=1, n_test=0, shape=(24, 24, 12), seed=41)
+    base = ["--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "x")]
+    assert transfer.main([*base, "--labelled-data", str(labelled)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--selection-data, --control-data, --unlabelled-data missing" in err and len(err.splitlines()) == 1
+    # the control's pool holds the headline's validation case: refused before any run
+    same = write_btcv_phantoms(tmp_path / "s", n_train=2, n_val=0, n_test=0, shape=(24, 24, 12), seed=40)
+    pool = write_btcv_phantoms(tmp_path / "p", n_train=2, n_val=0, n_test=0, shape=(24, 24, 12), seed=42)
+    argv = [*base, "--labelled-data", str(labelled), "--selection-data", str(other), "--control-data", str(same),
+            "--unlabelled-data", str(pool)]
+    assert transfer.main(argv) == 2  # --labelled 1 2 (quick) needs 2 headline training cases
+    err = capsys.readouterr().err.strip()
+    assert "has 1 training cases; --labelled [1, 2] needs 2" in err and len(err.splitlines()) == 1
+    assert transfer.main([*argv, "--labelled", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "control pool" in err and "the same volume as the labelled case" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w" / "runs").exists()
