@@ -48,6 +48,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 ARMS = ("scratch", "spark", "control")  # every headline arm fine-tunes with the recipe chosen on the selection split
 SHIPPED = "scratch-shipped"  # scratch with the config's own recipe, at the smallest labelled set
 PROBES = ("random", "spark", "control")
+VARIATION = "wide"  # the phantoms' variation (--variation)
 SEEDS = {"headline": 10, "selection": 11, "control": 12, "unlabelled": 13}  # phantom seeds: disjoint case ids
 # sizes (README, Pretraining evidence, says why each is what it is): the control is trained until it segments on its
 # own (1600 steps; at 400, the earlier study's figure, its own validation Dice was 0.18 in a pilot), fine-tuning runs
@@ -73,6 +74,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unlabelled-seed", type=int, default=SEEDS["unlabelled"],
                    help="phantom seed of the unlabelled pool (must differ from every labelled set's)")
     p.add_argument("--report-only", action="store_true", help="write OUT.* from the finished runs, run nothing")
+    p.add_argument("--variation", default=VARIATION, choices=["wide", "context"],
+                   help=f"phantom variation of the four sets (spark3d/data/phantoms.py; default {VARIATION})")
     real = p.add_argument_group("real data, instead of the phantoms (all four datalists together; decathlon-style JSON)")
     real.add_argument("--labelled-data", help="the headline cases: 'training' (the first N are the labelled sets), "
                       "'validation' (every reported Dice)")
@@ -172,7 +175,7 @@ def write_data(work: Path, args: argparse.Namespace) -> dict[str, str]:
             datalist = work / "data" / name / "dataset.json"
             if not datalist.is_file():
                 write_btcv_phantoms(datalist.parent, n_train=n_train, n_val=n_val, n_test=0, shape=args.shape,
-                                    seed=seed, variation="wide")
+                                    seed=seed, variation=args.variation)
             paths[name] = str(datalist)
     # no volume of the headline cases in any other set (the pool, the selection split, the control's), none of the
     # selection split's in the pool or the control's

@@ -233,3 +233,22 @@ def test_real_data_needs_all_four_sets_and_disjoint_ones(transfer, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "control pool" in err and "the same volume as the labelled case" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w" / "runs").exists()
+
+
+def test_context_phantoms_share_one_hu_band_for_the_solid_organs():
+    """"context": the solid organs' mean HU lie closer together within a case than under "wide" (identity takes shape
+    and place), deterministic per seed; "wide" itself is unchanged by the option (same draws)."""
+    from spark3d.data.phantoms import make_phantom
+
+    a = make_phantom(5, (48, 48, 24), variation="context")
+    assert all(np.array_equal(x, y) for x, y in zip(a, make_phantom(5, (48, 48, 24), variation="context")))
+    assert set(np.unique(a[1])) == set(range(14))
+
+    def spread(variation):  # within-case sd of the solid organs' mean HU (liver, spleen, kidneys, pancreas)
+        out = []
+        for seed in range(4):
+            hu, label, _ = make_phantom(seed, (96, 96, 48), noise_hu=0.0, variation=variation)
+            out.append(np.std([hu[label == organ].mean() for organ in (6, 1, 2, 3, 11)]))
+        return np.mean(out)
+
+    assert spread("context") < 0.5 * spread("wide")

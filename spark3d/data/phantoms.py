@@ -5,9 +5,11 @@ ribs, and 13 organ-like structures with the BTCV label ids and HU values of cont
 jittered per case (position, size, intensity), with noise and anisotropic spacing. Deterministic
 for a given seed. The demo and the tests use them as their embedded data.
 
-``variation="wide"`` (the transfer study's pools) draws much more per case: body size, organ shape
-(rotated, lobulated ellipsoids), size, position and HU, vessel calibre, noise level and spacing, so that
-many volumes hold something to learn that a few do not. ``"standard"`` is the demo's, unchanged.
+``variation="wide"`` draws much more per case: body size, organ shape (rotated, lobulated ellipsoids), size,
+position and HU, vessel calibre, noise level and spacing, so that many volumes hold something to learn that a few
+do not. ``"context"`` is ``"wide"`` with the solid organs (liver, spleen, kidneys, pancreas, adrenal glands) drawn
+from one HU band per case, as in real portal-venous CT where they overlap: telling them apart takes their shape
+and place, not their intensity. ``"standard"`` is the demo's, unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ _TUBES = (  # (label, x, y, radius, hu, z range) vertical vessels
     (5, 0.0, -18.0, 12.0, 55.0, (40.0, 200.0)),  # esophagus (upper abdomen only; an air lumen inside)
 )
 _ESOPHAGUS_LUMEN_MM = 4.5
+_SOLID = (6, 1, 2, 3, 11, 12, 13)  # liver, spleen, kidneys, pancreas, adrenal glands: one HU band under "context"
+_SOLID_BAND_HU = (70.0, 130.0)
+VARIATIONS = ("standard", "wide", "context")
 
 
 _MAX_CASES = 999  # case numbers stay below 1000: ``seed * 1000 + case`` never repeats across seeds
@@ -72,14 +77,14 @@ def make_phantom(
     shape: Sequence[int] = (96, 96, 48),
     spacing: Sequence[float] | None = None,
     noise_hu: float | None = None,
-    variation: Literal["standard", "wide"] = "standard",
+    variation: Literal["standard", "wide", "context"] = "standard",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One phantom: ``(hu_int16, label_uint8, affine)``; voxel axes run to the left, posterior, superior (LPS storage).
 
     ``noise_hu`` None: 12 HU (``"standard"``) or drawn per case in 6–25 HU (``"wide"``)."""
-    if variation not in ("standard", "wide"):
-        raise ValueError(f"variation must be 'standard' or 'wide', got '{variation}'")
-    wide = variation == "wide"
+    if variation not in VARIATIONS:
+        raise ValueError(f"variation must be one of {VARIATIONS}, got '{variation}'")
+    wide = variation in ("wide", "context")
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in shape)
     if spacing is None:
@@ -119,12 +124,14 @@ def make_phantom(
     rib_ring = (np.abs(np.sqrt(r_body) - 0.84) < 0.035) & (np.cos(zs / 9.0) > 0.6) & (ys < 40.0) & (zs > 0)
     hu[rib_ring] = 700.0
 
+    band = rng.uniform(*_SOLID_BAND_HU) if variation == "context" else None  # one band for the solid organs
     for organ in _ORGANS:
         c = np.array(organ.centre) + rng.normal(0.0, 8.0 if wide else 4.0, size=3)
         r = np.array(organ.radii) * rng.uniform(*((0.7, 1.3) if wide else (0.85, 1.15)), size=3)
         inside = _organ_shape(xs - c[0], ys - c[1], zs - c[2], r, rng if wide else None)
         inside = np.broadcast_to(inside, shape) & inner
-        hu[inside] = organ.hu + rng.normal(0.0, 15.0 if wide else 8.0)
+        centre_hu = band if band is not None and organ.label in _SOLID else organ.hu
+        hu[inside] = centre_hu + rng.normal(0.0, 15.0 if wide else 8.0)
         label[inside] = organ.label
     for lab, cx, cy, radius, value, (z0, z1) in _TUBES:
         cx, cy = cx + rng.normal(0, 2.0), cy + rng.normal(0, 2.0)
@@ -179,7 +186,7 @@ def write_btcv_phantoms(
     n_test: int = 2,
     shape: Sequence[int] = (96, 96, 48),
     seed: int = 0,
-    variation: Literal["standard", "wide"] = "standard",
+    variation: Literal["standard", "wide", "context"] = "standard",
 ) -> Path:
     """Write phantoms as ``RawData/Training/{img,label}`` and ``RawData/Testing/img`` plus ``dataset.json``.
 
