@@ -266,13 +266,16 @@ def render_transfer(results: Path) -> str:
                                  if a in probe) + ".")
     budget = study.get("budget_curve") or {}
     if budget:
-        lines.append(f"Budget curve (selection split, 1 labelled, {o['selection_steps']} steps; 0 = scratch): "
+        runs = study["runs"]
+        first = next((runs[k]["kwargs"]["recipe"] for k in sorted(runs) if k.startswith("select_budget_")), "?")
+        lines.append(f"Budget curve (selection split, 1 labelled, {o['selection_steps']} steps, recipe `{first}`; "
+                     "0 = scratch): "
                      + "; ".join(f"{k} steps {mean_sd(v)}" for k, v in budget.items())
                      + f". Chosen: {chosen.get('pretrain_budget')} pretraining steps.")
     if study.get("recipe_scores") is not None and chosen.get("recipe"):
         lines.append("Recipe for pretrained encoders (selection split, the final SparK encoder): "
                      + "; ".join(f"`{r}` {mean_sd(v)}" for r, v in study["recipe_scores"].items())
-                     + f"; `config` is the budget curve's {o['pretrain_steps']}-step point. Chosen: `{chosen['recipe']}`.")
+                     + f". Chosen: `{chosen['recipe']}`.")
     pre = study.get("pretraining") or {}
     wall = study.get("wall_seconds")
     work = sum(r["seconds"] for r in study["runs"].values()) / 60

@@ -200,7 +200,7 @@ def write_data(work: Path, args: argparse.Namespace) -> dict[str, str]:
 def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[dict]:
     """Every run as ``{name, deps, fn, kwargs}``; ``kwargs`` may be a function of the finished results
     (the chosen budget and recipe are read when the runs that choose them are done)."""
-    from transfer_runs import choose
+    from transfer_runs import choose, choose_recipe
 
     pre = work / "pretrain"
     final = str(pre / f"encoder_{args.pretrain_steps}.pt")
@@ -214,16 +214,22 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
         previous = [f"pretrain_spark_{m}"]
     last_pretrain = previous[0]
     sel = dict(datalist=data["selection"], n=1, steps=args.selection_steps, eval_every=args.selection_steps)
+    # the selection split: first the recipe for pretrained encoders (every candidate on the final SparK encoder), then
+    # the budget curve with that recipe (scratch, and each milestone's encoder; the final one is a recipe run, reused)
     for seed in args.selection_seeds:
-        out.append({"name": f"select_budget_0_s{seed}", "deps": [], "fn": "finetune",
-                    "kwargs": dict(sel, encoder=None, seed=seed, recipe="config")})
-        for m in args.milestones:
-            out.append({"name": f"select_budget_{m}_s{seed}", "deps": [f"pretrain_spark_{m}"], "fn": "finetune",
-                        "kwargs": dict(sel, encoder=str(pre / f"encoder_{m}.pt"), seed=seed, recipe="config")})
         for recipe in args.recipes:
-            if recipe != "config":
-                out.append({"name": f"select_recipe_{recipe}_s{seed}", "deps": [last_pretrain], "fn": "finetune",
-                            "kwargs": dict(sel, encoder=final, seed=seed, recipe=recipe)})
+            out.append({"name": f"select_recipe_{recipe}_s{seed}", "deps": [last_pretrain], "fn": "finetune",
+                        "kwargs": dict(sel, encoder=final, seed=seed, recipe=recipe)})
+    recipe_runs = [t["name"] for t in out if t["name"].startswith("select_recipe_")]
+
+    def chosen_recipe(extra: dict):
+        return lambda results: dict(extra, recipe=choose_recipe(results, args))
+
+    for seed in args.selection_seeds:
+        for m in [0, *args.milestones]:
+            encoder = None if m == 0 else str(pre / f"encoder_{m}.pt")
+            out.append({"name": f"select_budget_{m}_s{seed}", "deps": [*recipe_runs, *previous], "fn": "finetune",
+                        "kwargs": chosen_recipe(dict(sel, encoder=encoder, seed=seed))})
     budget_runs = [t["name"] for t in out if t["name"].startswith("select_budget_")]
 
     selection = [t["name"] for t in out if t["name"].startswith("select_")]
@@ -249,9 +255,10 @@ def tasks(work: Path, args: argparse.Namespace, data: dict[str, str]) -> list[di
                 out.append({"name": shipped, "deps": [], "fn": "finetune",
                             "kwargs": dict(common, encoder=None, recipe="config")})
             for arm, encoder in (("scratch", None), ("control", control), ("spark", "spark")):
-                twin = {"twin": shipped} if arm == "scratch" and n == min(args.labelled) else {}
-                deps = [*selection, *twin.values(), *(["pretrain_control"] if arm == "control" else [])]
-                out.append({"name": f"ft_n{n}_{arm}_s{seed}", "deps": deps, "fn": "finetune", **twin,
+                # scratch waits for scratch-shipped: when the chosen recipe is the config's it is that run, reused
+                first = [shipped] if arm == "scratch" and n == min(args.labelled) else []
+                deps = [*selection, *first, *(["pretrain_control"] if arm == "control" else [])]
+                out.append({"name": f"ft_n{n}_{arm}_s{seed}", "deps": deps, "fn": "finetune",
                             "kwargs": chosen(common, encoder)})
     for seed in args.seeds:  # the probe: the decoder alone learns on a frozen encoder
         common = dict(datalist=data["headline"], n=max(args.labelled), steps=args.probe_steps,
@@ -282,8 +289,10 @@ def run_all(work: Path, args: argparse.Namespace, graph: list[dict], command: li
 
     def start(pool, t):
         kwargs = t["kwargs"](results) if callable(t["kwargs"]) else t["kwargs"]
-        if "twin" in t and kwargs == results[t["twin"]]["kwargs"]:  # the same run (recipe 'config'): reuse it
-            done = store_result(work, t["name"], dict(results[t["twin"]], name=t["name"], same_as=t["twin"]))
+        same = next((k for k, r in sorted(results.items()) if r and r.get("fn") == t["fn"] and r["kwargs"] == kwargs
+                     and not r.get("same_as")), None)
+        if same is not None:  # the very run has finished under another name (e.g. the chosen recipe is 'config'): reuse
+            done = store_result(work, t["name"], dict(results[same], name=t["name"], same_as=same))
             if pool is None:
                 return done
             future: Future = Future()

@@ -226,7 +226,7 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out.with_suffix(".csv"), rows, organs)
     expected = [f"select_budget_{m}_s{s}" for s in args.selection_seeds for m in [0, *args.milestones]]
-    expected += [f"select_recipe_{r}_s{s}" for s in args.selection_seeds for r in args.recipes if r != "config"]
+    expected += [f"select_recipe_{r}_s{s}" for s in args.selection_seeds for r in args.recipes]
     selection_done = all(results.get(k) for k in expected)
     budget, recipe = choose(results, args) if selection_done else (None, None)
     tests, lines = goal_tests(rows, args, recipe)

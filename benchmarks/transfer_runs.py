@@ -281,15 +281,20 @@ def finetune(datalist: str, n: int, seed: int, steps: int, eval_every: int, enco
             "organs": list(module.label_names[1:])}
 
 
-def choose(results: dict, args) -> tuple[int, str]:
-    """The pretraining budget (the milestone with the best mean selection Dice; the earlier one on a tie) and the
-    recipe for pretrained encoders (likewise), from the selection runs only."""
-    def mean(prefix: str) -> float:
-        vals = [r["evals"][-1]["mean_dice"] for k, r in results.items() if k.startswith(prefix + "_s")]
-        return statistics.mean(vals) if vals else float("-inf")
+def _mean_final(results: dict, prefix: str) -> float:
+    """Mean final Dice over seeds of the runs named ``<prefix>_s<seed>`` (-inf when none has finished)."""
+    vals = [r["evals"][-1]["mean_dice"] for k, r in results.items() if r and k.startswith(prefix + "_s")]
+    return statistics.mean(vals) if vals else float("-inf")
 
-    budget = max(sorted(args.milestones), key=lambda m: mean(f"select_budget_{m}"))
-    scores = {r: mean(f"select_budget_{args.pretrain_steps}" if r == "config" else f"select_recipe_{r}")
-              for r in args.recipes}
-    recipe = max(args.recipes, key=lambda r: scores[r])
-    return budget, recipe
+
+def choose_recipe(results: dict, args) -> str:
+    """The recipe for pretrained encoders: the candidate with the best mean selection Dice on the final SparK encoder
+    (the first listed on a tie)."""
+    return max(args.recipes, key=lambda r: _mean_final(results, f"select_recipe_{r}"))
+
+
+def choose(results: dict, args) -> tuple[int, str]:
+    """The pretraining budget (the milestone with the best mean selection Dice, fine-tuned with the chosen recipe;
+    the earlier one on a tie) and that recipe, from the selection runs only."""
+    budget = max(sorted(args.milestones), key=lambda m: _mean_final(results, f"select_budget_{m}"))
+    return budget, choose_recipe(results, args)

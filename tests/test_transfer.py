@@ -41,7 +41,8 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
                  for arm in ("random", "spark", "control")}
     expected |= {("selection_budget", "scratch" if m == 0 else f"spark@{m}", "1", str(s), str(args.selection_steps))
                  for s in args.selection_seeds for m in [0, *args.milestones]}
-    expected |= {("selection_recipe", "layer_decay", "1", str(s), str(args.selection_steps)) for s in args.selection_seeds}
+    expected |= {("selection_recipe", r, "1", str(s), str(args.selection_steps)) for s in args.selection_seeds
+                 for r in args.recipes}
     got = [(r["kind"], r["arm"], r["labelled"], r["seed"], r["step"]) for r in rows]
     assert sorted(got) == sorted(expected)  # every run and evaluation step, once
     organs = list(rows[0])[list(rows[0]).index("encoder_drift") + 1:]
@@ -70,6 +71,9 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
                 assert Path(run["kwargs"]["encoder"]).name == budget_encoder
     twin = summary["runs"]["ft_n1_scratch_s0"]["kwargs"] == summary["runs"]["ft_n1_scratch-shipped_s0"]["kwargs"]
     assert twin == (recipe == "config")
+    for name, run in summary["runs"].items():  # the budget curve ran with the chosen recipe (chosen first)
+        if name.startswith("select_budget_"):
+            assert run["kwargs"]["recipe"] == recipe, name
     assert summary["control_pretraining"]["val_cases"] == args.control_val  # the control's own Dice was measured
     assert 0.0 <= summary["control_pretraining"]["own_val_dice"] <= 1.0
     for t in summary["tests"]:  # the JSON's statistics are the CSV's (sample sd, ddof=1)
