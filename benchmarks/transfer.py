@@ -8,10 +8,10 @@
         --accelerator gpu --workers 1                                             # the same protocol on real data
 
 One command, resumable (every finished run is a JSON in WORK/runs and is reused). It writes four disjoint phantom
-sets (``variation="wide"``): the labelled + validation cases of the headline numbers, a separate *selection*
-split (labelled + validation) on which the pretraining budget and the fine-tuning recipe are chosen, a labelled
-pool (+ its own validation cases) for the positive control, and the unlabelled pool (>= 64 volumes, written once to
-a CT store with ``spark3d preprocess``). Then, with the demo network and configs (SegResNet, 32³ crops at 6 mm):
+sets (``--variation``, default "context"): the labelled + validation cases of the headline numbers, a separate
+*selection* split (labelled + validation) on which the pretraining budget and the fine-tuning recipe are chosen, a
+labelled pool (+ its own validation cases) for the positive control, and the unlabelled pool (>= 64 volumes, written
+once to a CT store with ``spark3d preprocess``). Then, with the demo network and configs (SegResNet, 32³ crops at 6 mm):
 
 1. SparK pretraining from the store (sparse path, ``compute: auto``), an encoder.pt at every milestone;
 2. a supervised encoder (the positive control): the same network trained on the control pool's labels long enough
@@ -48,7 +48,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 ARMS = ("scratch", "spark", "control")  # every headline arm fine-tunes with the recipe chosen on the selection split
 SHIPPED = "scratch-shipped"  # scratch with the config's own recipe, at the smallest labelled set
 PROBES = ("random", "spark", "control")
-VARIATION = "wide"  # the phantoms' variation (--variation)
+VARIATION = "context"  # the phantoms' variation (--variation): organs told apart by shape and place, not HU alone
 SEEDS = {"headline": 10, "selection": 11, "control": 12, "unlabelled": 13}  # phantom seeds: disjoint case ids
 # sizes (README, Pretraining evidence, says why each is what it is): the control is trained until it segments on its
 # own (1600 steps; at 400, the earlier study's figure, its own validation Dice was 0.18 in a pilot), fine-tuning runs
