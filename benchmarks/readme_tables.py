@@ -38,6 +38,7 @@ COMMANDS = {
     "resenc_step": "python benchmarks/resenc_step.py --size 96 --batch 2 --repeats 3 --json docs/results/resenc_step.json",
     "probe": "python benchmarks/probe.py --work runs/probe --seeds 0 1 2 --json docs/results/probe.json",
     "transfer": "python benchmarks/transfer.py --work runs/transfer --out docs/transfer",
+    "transfer_wide": "python benchmarks/transfer.py --variation wide --work runs/transfer_wide --out docs/transfer_wide",
     "convmae_step": "python benchmarks/convmae_step.py --batch 2 --repeats 3 --json docs/results/convmae_step.json",
     "bn_stats": "python benchmarks/bn_stats.py --work runs/bn_stats --json docs/results/bn_stats.json",
 }
@@ -232,13 +233,13 @@ TRANSFER_ARMS = {"scratch": "from scratch", "control": "supervised control", "sp
                  "scratch-shipped": "from scratch, the config's own recipe", "random": "random encoder"}
 
 
-def render_transfer(results: Path) -> str:
+def render_transfer(results: Path, name: str = "transfer") -> str:
     """The transfer study's tests of the goal, the control's own Dice, probe, budget curve, recipe choice and time
-    (``docs/transfer.json``)."""
-    path = results.parent / "transfer.json"
+    (``docs/<name>.json``)."""
+    path = results.parent / f"{name}.json"
     study = load(path)
     if study is None:
-        return missing("transfer")
+        return missing(name)
     arms = TRANSFER_ARMS
     o = study["options"]
     chosen = study.get("chosen", {})
@@ -275,6 +276,8 @@ def render_transfer(results: Path) -> str:
     if study.get("recipe_scores") is not None and chosen.get("recipe"):
         lines.append("Recipe for pretrained encoders (selection split, the final SparK encoder): "
                      + "; ".join(f"`{r}` {mean_sd(v)}" for r, v in study["recipe_scores"].items())
+                     + ("" if "config" in study["recipe_scores"] else  # the earlier order: config = a budget point
+                        f"; `config` is the budget curve's {o['pretrain_steps']}-step point")
                      + f". Chosen: `{chosen['recipe']}`.")
     pre = study.get("pretraining") or {}
     wall = study.get("wall_seconds")
@@ -286,12 +289,12 @@ def render_transfer(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_transfer_organs(results: Path) -> str:
+def render_transfer_organs(results: Path, name: str = "transfer") -> str:
     """Each organ's Dice (mean over seeds) at the transfer study's final fine-tuning step, per labelled set and arm."""
-    path = results.parent / "transfer.json"
+    path = results.parent / f"{name}.json"
     study = load(path)
     if study is None or not study.get("per_organ_final"):
-        return missing("transfer")
+        return missing(name)
     cells = study["per_organ_final"]
     organs = list(next(iter(cells.values())))
     order = list(TRANSFER_ARMS)
@@ -304,8 +307,8 @@ def render_transfer_organs(results: Path) -> str:
                      + " |")
     o = study["options"]
     lines += ["", f"Mean over seeds {', '.join(map(str, o['seeds']))} after {o['finetune_steps']} fine-tuning steps "
-              f"({o['val_cases']} validation phantoms). Source: `docs/transfer.json` (`per_organ_final`; per seed and "
-              "step in `docs/transfer.csv`)."]
+              f"({o['val_cases']} validation phantoms). Source: `docs/{name}.json` (`per_organ_final`; per seed and "
+              f"step in `docs/{name}.csv`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -400,8 +403,10 @@ def render_bn_stats(results: Path) -> str:
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "demo": render_demo, "data_throughput": render_data_throughput, "perf_encoder": render_perf_encoder,
     "perf_step": render_perf_step, "resenc_step": render_resenc_step, "probe": render_probe,
-    "transfer": render_transfer, "transfer_organs": render_transfer_organs, "transfer_chain": render_transfer_chain, "convmae_step": render_convmae_step,
-    "bn_stats": render_bn_stats}
+    "transfer": render_transfer, "transfer_organs": render_transfer_organs, "transfer_chain": render_transfer_chain,
+    "transfer_wide": lambda results: render_transfer(results, "transfer_wide"),
+    "transfer_wide_organs": lambda results: render_transfer_organs(results, "transfer_wide"),
+    "convmae_step": render_convmae_step, "bn_stats": render_bn_stats}
 
 
 # ------------------------------------------------------------------------------------------------ the rewrite
