@@ -46,18 +46,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transfer_runs import quiet  # noqa: E402  (Lightning's lines and warnings off, one thread, for a call only)
 UNLABELLED_SEED, LABELLED_SEED = 21, 22
 WINDOW = (-175.0, 250.0)  # the BTCV fine-tuning window (the phantoms are abdomen only), as the demo configs
 STEPS_SHOWN = (0, 1, 2, 5, 10, 20, 30)  # washout steps recorded besides k and the last
@@ -338,11 +338,13 @@ def run_dir(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    started = time.time()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    words = sys.argv[1:] if argv is None else list(argv)
+    with quiet(threads=1):  # for this call only: the tests run main in-process
+        return _measure(args, words, time.time())
+
+
+def _measure(args: argparse.Namespace, words: list[str], started: float) -> dict:
+    """Everything :func:`main` promises, with ``args`` parsed from ``words`` (``started``: the wall clock at the call)."""
     from spark3d.checkpoint import read_encoder
     from spark3d.networks import encoder_module_of
     from spark3d.provenance import write_result
@@ -406,8 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         "decision": decide(k, momentum, stats, features, wash, configs),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_result(args.json, payload, ["python", "benchmarks/bn_stats.py", *(sys.argv[1:] if argv is None else argv)],
-                 started)
+    write_result(args.json, payload, ["python", "benchmarks/bn_stats.py", *words], started)
     return payload
 
 

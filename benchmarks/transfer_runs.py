@@ -3,6 +3,7 @@ positive control, fine-tuning with Dice every few steps; each run's result is a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,6 +11,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # the candidate fine-tuning recipes for pretrained encoders (chosen on the selection split, never on validation)
@@ -96,22 +98,35 @@ def check_disjoint(pool: str, labelled: list[str], role: str = "unlabelled pool"
                                 "the study would train on the data it evaluates on")
 
 
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+@contextlib.contextmanager
+def quiet(threads: int | None = 1) -> Iterator[None]:
+    """Lightning's info lines and every warning off, ``threads`` torch threads (None: as they are), for the block
+    only: a study run in-process (``--workers 1``, the tests) leaves the caller's logging and threads as they were."""
+    import pytorch_lightning  # noqa: F401  (its first import sets its loggers' levels: save them after that)
+    import torch
+
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch", "lightning")]
+    levels, before = [logger.level for logger in loggers], torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+            torch.set_num_threads(before)
 
 
 def execute(work: str, name: str, fn: str, kwargs: dict, accelerator: str = "cpu") -> dict:
     """Run one task in this process (on the CPU: one torch thread) and store its result."""
-    import torch
-
-    _quiet()
-    if accelerator == "cpu":
-        torch.set_num_threads(1)
-    _SETTINGS.update(work=work, accelerator=accelerator)
-    t0 = time.time()
-    result = {"pretrain": pretrain, "supervised": supervised, "finetune": finetune}[fn](**kwargs)
+    with quiet(1 if accelerator == "cpu" else None):
+        _SETTINGS.update(work=work, accelerator=accelerator)
+        t0 = time.time()
+        result = {"pretrain": pretrain, "supervised": supervised, "finetune": finetune}[fn](**kwargs)
     result.update(name=name, fn=fn, kwargs=kwargs, seconds=time.time() - t0)
     return store_result(work, name, result)
 

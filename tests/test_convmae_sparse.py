@@ -198,3 +198,21 @@ def test_auto_says_its_path_once_and_falls_back_only_with_a_reason(capsys):
 def test_compute_option_is_checked():
     with pytest.raises(ConfigError, match="compute must be one of auto, sparse, masked-dense"):
         ConvMAE.from_preset("tiny", spatial_dims=2, in_channels=1, input_size=(32, 32), compute="fast")
+
+
+@pytest.mark.parametrize("nd, cin, k, cell", [(3, 16, 4, 4), (3, 24, 4, 4), (2, 16, 4, 4), (3, 1, 4, 16), (3, 32, 2, 4)])
+def test_patch_conv_equals_the_dense_conv_in_bf16(nd, cin, k, cell):
+    """The patch-embedding / fusion conv of the sparse path equals torch's conv: exactly in float64, to bf16 rounding
+    under bf16 (oneDNN's bf16 channels-last conv is wrong for kernel = stride 4 onto one site from 16 or 24 channels
+    on AVX512-BF16 CPUs, so the sparse path must not rely on it)."""
+    from spark3d.backbones.hybrid_sparse import _patch_conv
+
+    conv = (nn.Conv2d if nd == 2 else nn.Conv3d)(cin, 64, k, stride=k)
+    x = torch.randn(6, cin, *([cell] * nd), generator=torch.Generator().manual_seed(0))
+    reference = conv.double()(x.double())
+    assert rel(_patch_conv(conv, x.double()), reference) < 1e-12
+    conv.float()
+    cl = torch.channels_last if nd == 2 else torch.channels_last_3d
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _patch_conv(conv, x.contiguous(memory_format=cl))
+    assert out.dtype == torch.bfloat16 and rel(out, reference) < 1e-2

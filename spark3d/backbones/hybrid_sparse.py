@@ -177,8 +177,19 @@ def _gelu(act: nn.GELU, rows_vc: torch.Tensor) -> torch.Tensor:
 
 
 def _patch_conv(conv: nn.Module, x_ncs: torch.Tensor) -> torch.Tensor:
-    """A kernel = stride conv maps each cell onto its own output cell."""
-    return channels_last(_CONV[x_ncs.ndim - 2](x_ncs, conv.weight, conv.bias, conv.stride))
+    """A kernel = stride conv maps each cell onto its own output cell: computed as one matrix product of the
+    patches' rows ``(N·G, C·k)`` with the flattened kernel, not by the conv kernel, whose bf16 channels-last form
+    is wrong on some CPUs (oneDNN with AVX512-BF16: kernel = stride 4 onto one output site, 16 or 24 channels in;
+    ``tests/test_convmae_sparse.py::test_patch_conv_equals_the_dense_conv_in_bf16``)."""
+    nd = x_ncs.ndim - 2
+    n, c, *size = x_ncs.shape
+    k = _tuple(conv.stride, nd)
+    g = [s // kk for s, kk in zip(size, k)]
+    split = x_ncs.reshape(n, c, *[v for gg, kk in zip(g, k) for v in (gg, kk)])  # (N, C, g1, k1, g2, k2, …)
+    order = [0, *(2 + 2 * a for a in range(nd)), 1, *(3 + 2 * a for a in range(nd))]  # (N, g…, C, k…)
+    rows = split.permute(order).reshape(n * math.prod(g), c * math.prod(k))
+    y = F.linear(rows, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+    return y.view(n, *g, y.shape[1]).movedim(-1, 1)  # channels-last (N, C_out, *g)
 
 
 def _embed(embed: PatchEmbed, x_ncs: torch.Tensor) -> torch.Tensor:
