@@ -53,15 +53,17 @@ SEEDS = {"headline": 10, "selection": 11, "control": 12, "unlabelled": 13}  # ph
 # sizes (README, Pretraining evidence, says why each is what it is): the control is trained until it segments on its
 # own (1600 steps; at 400, the earlier study's figure, its own validation Dice was 0.18 in a pilot), fine-tuning runs
 # 400 steps, half the demo's (what 30 headline runs can take for the study to fit an hour on 2 cores at the step
-# times measured on a quiet machine; scratch is still learning there), the selection split 200
+# times measured on a quiet machine; scratch is still learning there), the selection split 200; the recipe candidates
+# are every knob the issue names for the encoder's first steps (lr, warm-up, layer decay, a frozen start)
 FULL = dict(labelled=[1, 2, 4], seeds=[0, 1, 2], val_cases=6, selection_val=3, selection_seeds=[0, 1],
             control_cases=16, control_val=2, unlabelled=64, shape=[96, 96, 48], pretrain_steps=3000,
             milestones=[500, 1500, 3000], control_steps=1600, finetune_steps=400, eval_every=50,
-            probe_steps=100, selection_steps=200, recipes=["config", "layer_decay"])
+            probe_steps=100, selection_steps=200,
+            recipes=["config", "layer_decay", "freeze", "freeze_decay", "low_lr", "low_lr_decay"])
 QUICK = dict(labelled=[1, 2], seeds=[0, 1], val_cases=1, selection_val=1, selection_seeds=[0],
              control_cases=2, control_val=1, unlabelled=4, shape=[48, 48, 24], pretrain_steps=4, milestones=[2, 4],
              control_steps=4, finetune_steps=4, eval_every=2, probe_steps=2, selection_steps=2,
-             recipes=["config", "layer_decay"])
+             recipes=["config", "layer_decay", "freeze_decay"])
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -105,6 +107,11 @@ def check_args(args: argparse.Namespace) -> None:
     """The one-line refusals, before anything is written."""
     from spark3d.errors import ConfigError
 
+    from transfer_runs import RECIPES
+
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        raise ConfigError(f"--recipes {' '.join(unknown)}: unknown; the candidates are {', '.join(RECIPES)}")
     if len(args.seeds) < 2:
         raise ConfigError(f"--seeds {args.seeds}: at least 2 seeds are needed for a sample sd (3 or more advised)")
     if args.unlabelled_seed in (SEEDS["headline"], SEEDS["selection"]):

@@ -19,6 +19,9 @@ RECIPES = {
     "config": {},  # the study's fine-tuning config as it is (by default configs/finetune/demo_ct.yaml)
     "layer_decay": {"layer_decay": 0.7, "warmup_fraction": 0.1},  # finer encoder levels move less, longer warm-up
     "freeze": {"freeze_fraction": 0.1},  # the encoder frozen for the first 10 % of the steps
+    # frozen first, then layer decay (linear probing, then fine-tuning: a random decoder's first, large gradients
+    # do not reach the pretrained features); the warm-up spans the frozen steps
+    "freeze_decay": {"freeze_fraction": 0.1, "layer_decay": 0.7, "warmup_fraction": 0.1},
     # a 5x lower lr, alone and with layer decay (an earlier study saw the shipped lr, 0.01, move a pretrained
     # encoder by about its own norm in 50 steps)
     "low_lr": {"lr": 0.002, "warmup_fraction": 0.1},

@@ -96,7 +96,8 @@ def test_quick_study_rows_png_and_json_agree(transfer, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, words", [(["--seeds", "0"], "at least 2 seeds"),
-                                          (["--unlabelled-seed", "10"], "labelled cases")])
+                                          (["--unlabelled-seed", "10"], "labelled cases"),
+                                          (["--recipes", "config", "warm"], "--recipes warm: unknown")])
 def test_bad_options_get_one_line_and_write_nothing(transfer, tmp_path, capsys, extra, words):
     work = tmp_path / "work"
     assert transfer.main(["--quick", "--work", str(work), "--out", str(tmp_path / "o"), *extra]) == 2
