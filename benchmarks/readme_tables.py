@@ -274,8 +274,10 @@ def render_transfer(results: Path, name: str = "transfer") -> str:
                      + "; ".join(f"{k} steps {mean_sd(v)}" for k, v in budget.items())
                      + f". Chosen: {chosen.get('pretrain_budget')} pretraining steps.")
     if study.get("recipe_scores") is not None and chosen.get("recipe"):
+        scores = study["recipe_scores"]  # in the order the candidates were given
+        order = [r for r in o.get("recipes", []) if r in scores] + [r for r in scores if r not in o.get("recipes", [])]
         lines.append("Recipe for pretrained encoders (selection split, the final SparK encoder): "
-                     + "; ".join(f"`{r}` {mean_sd(v)}" for r, v in study["recipe_scores"].items())
+                     + "; ".join(f"`{r}` {mean_sd(scores[r])}" for r in order)
                      + ("" if "config" in study["recipe_scores"] else  # the earlier order: config = a budget point
                         f"; `config` is the budget curve's {o['pretrain_steps']}-step point")
                      + f". Chosen: `{chosen['recipe']}`.")

@@ -161,7 +161,8 @@ def plot(path: Path, rows: list[dict], args, title: str) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean Dice, 13 organs (validation)")
-    axes[0].legend(fontsize=7, loc="upper left")
+    if axes[0].get_legend_handles_labels()[0]:  # a partial report (written after every run) may have no curve yet
+        axes[0].legend(fontsize=7, loc="upper left")
     ax = axes[-2]
     kinds = by_kind(rows)
     probe = kinds["probe"]

@@ -257,3 +257,60 @@ def test_context_phantoms_share_one_hu_band_for_the_solid_organs():
         return np.mean(out)
 
     assert spread("context") < 0.5 * spread("wide")
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of ``pid`` (Linux /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += list(kids - found)
+            found |= kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_workers_and_keeps_finished_runs(tmp_path):
+    """A killed study takes its pool's workers with it and says how to resume (it used to leave them running)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(BENCH / "transfer.py"), "--quick", "--work", str(work),
+                             "--out", str(tmp_path / "o"), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    try:
+        workers: set[int] = set()
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # until the pool's workers are training
+            workers = _children(proc.pid)
+            if len(workers) >= 2 and (work / "runs").exists():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and len(workers) >= 2, "the study ended before its workers started"
+        time.sleep(2)
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "the same command resumes" in err
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.5)
+    assert not [p for p in workers if _alive(p)], "workers outlived the study"
