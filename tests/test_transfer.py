@@ -288,8 +288,9 @@ def test_sigterm_stops_the_workers_and_keeps_finished_runs(tmp_path):
     import time
 
     work = tmp_path / "work"
+    long = ["--pretrain-steps", "100000", "--milestones", "2", "100000", "--control-steps", "100000"]  # busy workers
     proc = subprocess.Popen([sys.executable, str(BENCH / "transfer.py"), "--quick", "--work", str(work),
-                             "--out", str(tmp_path / "o"), "--workers", "2"],
+                             "--out", str(tmp_path / "o"), "--workers", "2", *long],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     try:
@@ -297,8 +298,8 @@ def test_sigterm_stops_the_workers_and_keeps_finished_runs(tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:  # until the pool's workers are training
             workers = _children(proc.pid)
-            if len(workers) >= 2 and (work / "runs").exists():
-                break
+            if len(workers) >= 2 and (work / "runs" / "pretrain_spark_2.json").exists():
+                break  # the first milestone is done; the long schedule and the control are training
             time.sleep(0.5)
         assert proc.poll() is None and len(workers) >= 2, "the study ended before its workers started"
         time.sleep(2)
@@ -308,9 +309,15 @@ def test_sigterm_stops_the_workers_and_keeps_finished_runs(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+            for pid in [p for p in _children(proc.pid) | workers if _alive(p)]:
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "the same command resumes" in err
+    assert sorted(p.name for p in (work / "runs").glob("*.json")) == ["pretrain_spark_2.json"]  # finished: kept
     deadline = time.time() + 30
     while time.time() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.5)
-    assert not [p for p in workers if _alive(p)], "workers outlived the study"
+    orphans = [p for p in workers if _alive(p)]
+    for pid in orphans:  # a failing test leaves no busy processes behind
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, "workers outlived the study"
