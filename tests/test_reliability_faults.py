@@ -194,10 +194,11 @@ def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_resumes(phantom
         proc = _start(_pretrain(phantoms, run, "--checkpoint_every_n_steps", "1"))
         try:
             _wait_for(lambda: _step(last) >= 1, proc, "the first checkpoint")
-            with filler.open("wb") as f, contextlib.suppress(OSError):  # fill the disk to the last byte
+            # fill the disk to the last byte; unbuffered, so that closing has nothing left to flush (a buffered
+            # file's close re-raised ENOSPC outside the suppress whenever the full disk left bytes in its buffer)
+            with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
                 while True:
-                    f.write(b"\0" * (1 << 16))
-                    f.flush()
+                    f.write(bytes(1 << 16))
             _, stderr = proc.communicate(timeout=TIMEOUT)
         finally:
             with contextlib.suppress(ProcessLookupError):
