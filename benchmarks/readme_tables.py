@@ -274,11 +274,11 @@ def render_transfer(results: Path, name: str = "transfer") -> str:
                      + "; ".join(f"{k} steps {mean_sd(v)}" for k, v in budget.items())
                      + f". Chosen: {chosen.get('pretrain_budget')} pretraining steps.")
     if study.get("recipe_scores") is not None and chosen.get("recipe"):
-        scores = study["recipe_scores"]  # in the order the candidates were given
-        order = [r for r in o.get("recipes", []) if r in scores] + [r for r in scores if r not in o.get("recipes", [])]
+        scores, given = study["recipe_scores"], o.get("recipes", [])
+        order = [r for r in given if r in scores] + [r for r in scores if r not in given]  # as the candidates were given
         lines.append("Recipe for pretrained encoders (selection split, the final SparK encoder): "
                      + "; ".join(f"`{r}` {mean_sd(scores[r])}" for r in order)
-                     + ("" if "config" in study["recipe_scores"] else  # the earlier order: config = a budget point
+                     + ("" if "config" in scores else  # the earlier order: config = a budget point
                         f"; `config` is the budget curve's {o['pretrain_steps']}-step point")
                      + f". Chosen: `{chosen['recipe']}`.")
     pre = study.get("pretraining") or {}

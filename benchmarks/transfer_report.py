@@ -265,8 +265,9 @@ def write_outputs(work: Path, args, results: dict, wall_seconds: float | None = 
     summary["provenance"] = dict(provenance(command or ["python", "benchmarks/transfer.py"]),
                                  report_only=bool(args.report_only))
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))
-    data = "given datalists" if getattr(args, "labelled_data", None) else f"phantoms ('{args.variation}')"
-    pool = "the unlabelled datalist" if getattr(args, "labelled_data", None) else f"{args.unlabelled} unlabelled volumes"
+    real = getattr(args, "labelled_data", None)
+    data = "given datalists" if real else f"phantoms ('{args.variation}')"
+    pool = "the unlabelled datalist" if real else f"{args.unlabelled} unlabelled volumes"
     plot(out.with_suffix(".png"), rows, args,
          f"{data}, {Path(getattr(args, 'finetune_config', 'demo_ct.yaml')).stem} network; SparK on {pool}, budget "
          f"{'not chosen yet (selection unfinished)' if budget is None else f'{budget} steps'}; mean ± sample sd over "
